@@ -1,0 +1,158 @@
+"""Transformer decoder stage block (MEGABYTE's decoder, numerically).
+
+Each layer is pre-norm attention then pre-norm feed-forward, both reading a token-shifted
+copy of the residual stream; rotary embeddings on queries and keys (optional); a final
+RMSNorm. Attention runs through ``F.scaled_dot_product_attention`` so PyTorch dispatches to
+flash / memory-efficient kernels wherever the device has them.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+import torch
+import torch.nn.functional as F
+from einops import rearrange
+from pydantic import Field
+from torch import nn
+
+from mblm.model.block import StageBlock
+from mblm.model.layers import RMSNorm, rotary_angles, rotate_half, token_shift
+
+
+class TransformerBlock(StageBlock):
+    """A causal Transformer decoder at an MBLM stage."""
+
+    attn_head_dims: int = Field(gt=0, description="Width of one attention head")
+    attn_num_heads: int = Field(gt=0, description="Number of attention heads")
+    attn_use_rot_embs: bool = Field(description="Rotary embeddings on queries and keys")
+    attn_dropout: float = Field(default=0.0, ge=0, lt=1, description="Attention dropout")
+    ff_multiplier: int = Field(default=2, gt=0, description="Feed-forward width / model width")
+    ff_dropout: float = Field(default=0.0, ge=0, lt=1, description="Feed-forward dropout")
+    use_flash_attn: bool = Field(
+        default=False,
+        description="Kept for seed configs: SDPA picks flash kernels wherever available",
+    )
+    block_type: Literal["transformer"] = Field(
+        default="transformer", description="Registry name"
+    )
+
+    def check_stage(self, model_dim: int, seq_len: int) -> None:
+        super().check_stage(model_dim, seq_len)
+        if self.attn_use_rot_embs and self.attn_head_dims % 2:
+            raise ValueError(
+                f"attn_use_rot_embs=True needs an even attn_head_dims, got {self.attn_head_dims}"
+            )
+
+    @classmethod
+    def convert_reference_state(cls, state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """MEGABYTE layout (separate to_q / to_kv, Sequential feed-forward) -> ours."""
+        names = {
+            "0.norm.g": "attn.norm.weight",
+            "0.to_out.weight": "attn.out.weight",
+            "1.0.g": "ff.norm.weight",
+            "1.1.weight": "ff.up.weight",
+            "1.1.bias": "ff.up.bias",
+            "1.4.weight": "ff.down.weight",
+            "1.4.bias": "ff.down.bias",
+        }
+        out: dict[str, torch.Tensor] = {}
+        for key, value in state.items():
+            if key == "rotary_emb.inv_freq":
+                continue  # recomputed, not a parameter
+            if key == "norm.g":
+                out["norm.weight"] = value
+                continue
+            layer, _, rest = key.removeprefix("layers.").partition(".")
+            if not key.startswith("layers.") or rest in ("0.to_q.weight", "0.to_kv.weight"):
+                if rest == "0.to_q.weight":
+                    kv = state[f"layers.{layer}.0.to_kv.weight"]
+                    out[f"layers.{layer}.attn.qkv.weight"] = torch.cat((value, kv), dim=0)
+                elif rest != "0.to_kv.weight":
+                    raise ValueError(f"unexpected key in a reference Transformer stage: {key!r}")
+                continue
+            if rest not in names:
+                raise ValueError(f"unexpected key in a reference Transformer stage: {key!r}")
+            out[f"layers.{layer}.{names[rest]}"] = value
+        return out
+
+    def to_model(self, model_dim: int, num_layers: int) -> nn.Module:
+        return TransformerDecoder(
+            model_dim=model_dim,
+            num_layers=num_layers,
+            head_dim=self.attn_head_dims,
+            num_heads=self.attn_num_heads,
+            use_rotary=self.attn_use_rot_embs,
+            attn_dropout=self.attn_dropout,
+            ff_mult=self.ff_multiplier,
+            ff_dropout=self.ff_dropout,
+        )
+
+
+class CausalSelfAttention(nn.Module):
+    def __init__(self, dim: int, head_dim: int, num_heads: int, dropout: float):
+        super().__init__()
+        self.num_heads = num_heads
+        self.inner = head_dim * num_heads
+        self.dropout = dropout
+        self.norm = RMSNorm(dim)
+        self.qkv = nn.Linear(dim, 3 * self.inner, bias=False)
+        self.out = nn.Linear(self.inner, dim, bias=False)
+
+    def forward(self, x: torch.Tensor, rotary: tuple[torch.Tensor, torch.Tensor] | None):
+        qkv = self.qkv(self.norm(x))  # (n, s, 3 * h * e)
+        q, k, v = rearrange(qkv, "n s (t h e) -> t n h s e", t=3, h=self.num_heads)
+        if rotary is not None:
+            cos, sin = rotary  # (s, e)
+            q = q * cos + rotate_half(q) * sin
+            k = k * cos + rotate_half(k) * sin
+        y = F.scaled_dot_product_attention(
+            q, k, v, is_causal=True, dropout_p=self.dropout if self.training else 0.0
+        )  # (n, h, s, e)
+        return self.out(rearrange(y, "n h s e -> n s (h e)"))
+
+
+class FeedForward(nn.Module):
+    def __init__(self, dim: int, mult: int, dropout: float):
+        super().__init__()
+        self.norm = RMSNorm(dim)
+        self.up = nn.Linear(dim, dim * mult)
+        self.down = nn.Linear(dim * mult, dim)
+        self.dropout = nn.Dropout(dropout)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down(self.dropout(F.gelu(self.up(self.norm(x)))))
+
+
+class DecoderLayer(nn.Module):
+    def __init__(self, dim: int, head_dim: int, num_heads: int, attn_dropout: float,
+                 ff_mult: int, ff_dropout: float):
+        super().__init__()
+        self.attn = CausalSelfAttention(dim, head_dim, num_heads, attn_dropout)
+        self.ff = FeedForward(dim, ff_mult, ff_dropout)
+
+
+class TransformerDecoder(nn.Module):
+    """(N, S, D) -> (N, S, D), causal."""
+
+    def __init__(self, *, model_dim: int, num_layers: int, head_dim: int, num_heads: int,
+                 use_rotary: bool, attn_dropout: float = 0.0, ff_mult: int = 2,
+                 ff_dropout: float = 0.0):
+        super().__init__()
+        self.head_dim = head_dim
+        self.use_rotary = use_rotary
+        self.layers = nn.ModuleList(
+            DecoderLayer(model_dim, head_dim, num_heads, attn_dropout, ff_mult, ff_dropout)
+            for _ in range(num_layers)
+        )
+        self.norm = RMSNorm(model_dim)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        rotary = None
+        if self.use_rotary:
+            angles = rotary_angles(x.shape[-2], self.head_dim, x.device)  # (s, e)
+            rotary = (angles.cos().to(x.dtype), angles.sin().to(x.dtype))
+        for layer in self.layers:
+            x = x + layer.attn(token_shift(x), rotary)
+            x = x + layer.ff(token_shift(x))
+        return self.norm(x)
