@@ -324,8 +324,8 @@ class MBLM(nn.Module):
         for _ in steps:
             logits = self.forward(seq, return_type=MBLMReturnType.LOGITS)[:, -1].float()  # (1, V)
             top, idx = logits.topk(k, dim=-1)
-            noise = -torch.log(-torch.log(torch.rand_like(top).clamp(min=1e-20)).clamp(min=1e-20))
-            sampled = idx.gather(-1, (top / temperature + noise).argmax(-1, keepdim=True))  # (1, 1)
+            pick = (top / temperature + gumbel_noise(top)).argmax(-1, keepdim=True)
+            sampled = idx.gather(-1, pick)  # (1, 1)
             seq = torch.cat((seq, sampled), dim=1)
             token = int(sampled)
             if stream is not None:
@@ -335,6 +335,13 @@ class MBLM(nn.Module):
         if stream is not None:
             stream.flush()
         return seq[0] if squeeze else seq
+
+
+def gumbel_noise(like: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+    """Standard Gumbel noise: argmax(logits / T + noise) samples softmax(logits / T)."""
+    u = torch.rand(like.shape, generator=generator, device=like.device)
+    neg_log_u = torch.log(u.clamp(min=1e-20)).neg()  # in (0, 46]
+    return torch.log(neg_log_u.clamp(min=1e-20)).neg()
 
 
 def _progress(steps: Sequence[int]) -> Sequence[int]:
