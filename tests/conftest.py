@@ -37,6 +37,11 @@ def tiny_model(block_type: str = "transformer", stages: int = 2, seed: int = 0, 
     return MBLM(tiny_config(block_type, stages, **kw)).eval()
 
 
-@pytest.fixture(params=sorted(name for cls in block_registry for name in cls.type_names()))
+BUILT_IN = sorted(
+    n for cls in block_registry if cls.__module__.startswith("mblm.") for n in cls.type_names()
+)
+
+
+@pytest.fixture(params=BUILT_IN)
 def block_type(request) -> str:
     return request.param
