@@ -96,7 +96,8 @@ def run_demo(steps: int, seconds: float, out_dir: Path, batch: int = 8, seed: in
     print("sample: def ", end="", flush=True)
     model.eval()
     with ByteStreamer(sys.stdout, decode_utf8=True) as streamer:
-        model.generate(prompt, stream=streamer, num_tokens_to_generate=120, temperature=0.8,
-                       filter_thres=0.9)
+        model.generate(
+            prompt, stream=streamer, num_tokens_to_generate=120, temperature=0.8, filter_thres=0.9
+        )
     print()
     return bpb

@@ -3,7 +3,6 @@ runs against this package, extracted from the README text itself."""
 
 from __future__ import annotations
 
-import re
 import sys
 from pathlib import Path
 
@@ -100,8 +99,12 @@ def trained_to_say(text: str) -> MBLM:
             hidden_dims=[32, 32],
             seq_lens=[data.shape[1] // 2, 2],
             num_layers=[1, 1],
-            block={"attn_head_dims": 16, "attn_num_heads": 2, "attn_use_rot_embs": True,
-                   "pos_emb_type": "fixed"},
+            block={
+                "attn_head_dims": 16,
+                "attn_num_heads": 2,
+                "attn_use_rot_embs": True,
+                "pos_emb_type": "fixed",
+            },
         )
     )
     opt = torch.optim.AdamW(model.parameters(), lr=1e-2)

@@ -91,9 +91,7 @@ class StageBlockRegistry:
                 raise TypeError(f"{klass!r} is not a StageBlock subclass")
             names = klass.type_names()
             if not names:
-                raise ValueError(
-                    f"{klass.__name__}.block_type needs a default (its registry name)"
-                )
+                raise ValueError(f"{klass.__name__}.block_type needs a default (its registry name)")
             for name in names:
                 old = self._blocks.get(name)
                 same = old is not None and old.__qualname__ == klass.__qualname__

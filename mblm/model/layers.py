@@ -8,7 +8,7 @@ from torch import nn
 
 
 class RMSNorm(nn.Module):
-    """``x / rms(x) * weight``; ``eps`` guards an all-zero row (MEGABYTE's norm, eps 1e-8 on rms)."""
+    """``x / rms(x) * weight``; ``eps`` guards an all-zero row (MEGABYTE's norm)."""
 
     def __init__(self, dim: int, eps: float = 1e-8):
         super().__init__()
@@ -49,6 +49,8 @@ class InterleavedRoPE(nn.Module):
     Pairs are adjacent features (x0, x1), (x2, x3), ... as in torchtune's RoPE, which the
     reference uses for ``pos_emb_type="rope"``. Input (..., S, D) with D even.
     """
+
+    theta: torch.Tensor
 
     def __init__(self, dim: int, base: int = 10_000):
         super().__init__()

@@ -17,7 +17,7 @@ local start token of the first patch alone.
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Iterable
 from typing import Literal, overload
 
 import torch
@@ -61,8 +61,8 @@ class MBLM(nn.Module):
         self.pad_token_id = cfg.pad_token_id
         self.max_seq_len = cfg.max_seq_len
         chunks = cfg.train_checkpoint_chunks
-        self.checkpoint_chunks: list[int | None] = [None, *chunks] if chunks else [None] * len(
-            self.seq_lens
+        self.checkpoint_chunks: list[int | None] = (
+            [None, *chunks] if chunks else [None] * len(self.seq_lens)
         )
         blocks = cfg.stage_blocks()
         dims, lens, n = self.hidden_dims, self.seq_lens, self.num_stages
@@ -79,8 +79,9 @@ class MBLM(nn.Module):
                 self.pos_embs.append(nn.Identity())
         # token embedding of each stage: patches of bytes for global stages, bytes for the last
         self.token_embs = nn.ModuleList(
-            PatchEmbedding(cfg.num_tokens, cfg.pad_token_id, byte_dim, math.prod(lens[k + 1 :]),
-                           dims[k])
+            PatchEmbedding(
+                cfg.num_tokens, cfg.pad_token_id, byte_dim, math.prod(lens[k + 1 :]), dims[k]
+            )
             for k in range(n - 1)
         )
         self.token_embs.append(nn.Embedding(cfg.num_tokens, byte_dim, padding_idx=cfg.pad_token_id))
@@ -317,7 +318,7 @@ class MBLM(nn.Module):
                 f"cannot generate {total} bytes after a {seq.shape[1]}-byte prompt: the model's "
                 f"context is {self.max_seq_len} bytes"
             )
-        steps = range(total)
+        steps: Iterable[int] = range(total)
         if enable_progress and stream is None:
             steps = _progress(steps)
         k = max(int((1 - filter_thres) * self.num_tokens), 1)
@@ -344,7 +345,7 @@ def gumbel_noise(like: torch.Tensor, generator: torch.Generator | None = None) -
     return torch.log(neg_log_u.clamp(min=1e-20)).neg()
 
 
-def _progress(steps: Sequence[int]) -> Sequence[int]:
+def _progress(steps: Iterable[int]) -> Iterable[int]:
     try:
         from tqdm import tqdm
     except ImportError:

@@ -33,9 +33,7 @@ class TransformerBlock(StageBlock):
         default=False,
         description="Kept for seed configs: SDPA picks flash kernels wherever available",
     )
-    block_type: Literal["transformer"] = Field(
-        default="transformer", description="Registry name"
-    )
+    block_type: Literal["transformer"] = Field(default="transformer", description="Registry name")
 
     def check_stage(self, model_dim: int, seq_len: int) -> None:
         super().check_stage(model_dim, seq_len)
@@ -125,19 +123,42 @@ class FeedForward(nn.Module):
 
 
 class DecoderLayer(nn.Module):
-    def __init__(self, dim: int, head_dim: int, num_heads: int, attn_dropout: float,
-                 ff_mult: int, ff_dropout: float):
+    def __init__(
+        self,
+        dim: int,
+        head_dim: int,
+        num_heads: int,
+        attn_dropout: float,
+        ff_mult: int,
+        ff_dropout: float,
+    ):
         super().__init__()
         self.attn = CausalSelfAttention(dim, head_dim, num_heads, attn_dropout)
         self.ff = FeedForward(dim, ff_mult, ff_dropout)
+
+    def forward(
+        self, x: torch.Tensor, rotary: tuple[torch.Tensor, torch.Tensor] | None
+    ) -> torch.Tensor:
+        # both branches read a token-shifted copy; the residual stream itself is not shifted
+        x = x + self.attn(token_shift(x), rotary)
+        return x + self.ff(token_shift(x))
 
 
 class TransformerDecoder(nn.Module):
     """(N, S, D) -> (N, S, D), causal."""
 
-    def __init__(self, *, model_dim: int, num_layers: int, head_dim: int, num_heads: int,
-                 use_rotary: bool, attn_dropout: float = 0.0, ff_mult: int = 2,
-                 ff_dropout: float = 0.0):
+    def __init__(
+        self,
+        *,
+        model_dim: int,
+        num_layers: int,
+        head_dim: int,
+        num_heads: int,
+        use_rotary: bool,
+        attn_dropout: float = 0.0,
+        ff_mult: int = 2,
+        ff_dropout: float = 0.0,
+    ):
         super().__init__()
         self.head_dim = head_dim
         self.use_rotary = use_rotary
@@ -153,6 +174,5 @@ class TransformerDecoder(nn.Module):
             angles = rotary_angles(x.shape[-2], self.head_dim, x.device)  # (s, e)
             rotary = (angles.cos().to(x.dtype), angles.sin().to(x.dtype))
         for layer in self.layers:
-            x = x + layer.attn(token_shift(x), rotary)
-            x = x + layer.ff(token_shift(x))
+            x = layer(x, rotary)
         return self.norm(x)

@@ -48,9 +48,8 @@ class ByteStreamer:
         exc_type: type[BaseException] | None,
         exc_val: BaseException | None,
         exc_tb: TracebackType | None,
-    ) -> bool:
+    ) -> None:
         self.flush()
-        return False
 
     def write(self, int_byte: int) -> None:
         """Write one byte given as an int in [0, 255]."""

@@ -22,7 +22,9 @@ M_FIELDS = {"d_state": 8, "d_conv": 4, "expand": 2, "headdim": 8}
 
 
 def test_every_built_in_block_has_a_tiny_config():
-    names = {n for cls in block_registry if cls.__module__.startswith("mblm.") for n in cls.type_names()}
+    names = {
+        n for cls in block_registry if cls.__module__.startswith("mblm.") for n in cls.type_names()
+    }
     assert names == set(TINY_BLOCKS)
 
 

@@ -145,7 +145,10 @@ def test_training_step_reduces_loss(block_type):
 @pytest.mark.parametrize(
     ("make", "message"),
     [
-        (lambda: torch.tensor([[1, 257]]), r"input_ids holds id 257, outside \[0, num_tokens=257\)"),
+        (
+            lambda: torch.tensor([[1, 257]]),
+            r"input_ids holds id 257, outside \[0, num_tokens=257\)",
+        ),
         (lambda: torch.tensor([[-1, 2]]), r"input_ids holds id -1"),
         (lambda: torch.rand(1, 4), r"input_ids must hold integer ids, got dtype torch.float32"),
         (lambda: torch.zeros(1, 25, dtype=torch.long), r"length 25, longer than .* context"),
@@ -193,8 +196,12 @@ def test_generate_stops_at_end_token_and_rejects_overlong_requests():
     model = tiny_model(stages=2)
     first = model.generate(torch.tensor([5]), num_tokens_to_generate=1, enable_progress=False)
     stop = int(first[1])
-    out = model.generate(torch.tensor([5]), num_tokens_to_generate=10, end_of_gen_token_id=stop,
-                         enable_progress=False)
+    out = model.generate(
+        torch.tensor([5]),
+        num_tokens_to_generate=10,
+        end_of_gen_token_id=stop,
+        enable_progress=False,
+    )
     assert out.tolist() == [5, stop]
     with pytest.raises(ValueError, match=r"cannot generate 30 bytes after a 1-byte prompt"):
         model.generate(torch.tensor([5]), num_tokens_to_generate=30)

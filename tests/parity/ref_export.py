@@ -11,26 +11,54 @@ from pathlib import Path
 
 import torch
 import yaml
+
 from mblm import MBLM, MBLMModelConfig, MBLMReturnType
 
 T = {"block_type": "transformer", "attn_head_dims": 8, "attn_num_heads": 2}
 
 CASES = {
-    "t1": dict(hidden_dims=[32], seq_lens=[48], num_layers=[2],
-               block={**T, "attn_use_rot_embs": True, "pos_emb_type": "fixed"}),
-    "t2": dict(hidden_dims=[48, 32], seq_lens=[8, 6], num_layers=[2, 2],
-               block=[{**T, "attn_use_rot_embs": True, "pos_emb_type": "fixed"},
-                      {**T, "attn_use_rot_embs": False, "pos_emb_type": "rope",
-                       "ff_multiplier": 3}]),
-    "t3": dict(hidden_dims=[40, 32, 16], seq_lens=[4, 3, 4], num_layers=[1, 2, 1],
-               train_checkpoint_chunks=[2, 3],
-               block=[{**T, "attn_use_rot_embs": True, "pos_emb_type": None},
-                      {**T, "attn_use_rot_embs": True, "pos_emb_type": "fixed"},
-                      {**T, "attn_use_rot_embs": True, "pos_emb_type": "rope"}]),
-    "m1t": dict(hidden_dims=[32, 16], seq_lens=[8, 4], num_layers=[2, 1],
-                block=[{"block_type": "mamba1", "d_state": 8, "d_conv": 4, "expand": 2,
-                        "headdim": 8, "pos_emb_type": None},
-                       {**T, "attn_use_rot_embs": True, "pos_emb_type": "fixed"}]),
+    "t1": dict(
+        hidden_dims=[32],
+        seq_lens=[48],
+        num_layers=[2],
+        block={**T, "attn_use_rot_embs": True, "pos_emb_type": "fixed"},
+    ),
+    "t2": dict(
+        hidden_dims=[48, 32],
+        seq_lens=[8, 6],
+        num_layers=[2, 2],
+        block=[
+            {**T, "attn_use_rot_embs": True, "pos_emb_type": "fixed"},
+            {**T, "attn_use_rot_embs": False, "pos_emb_type": "rope", "ff_multiplier": 3},
+        ],
+    ),
+    "t3": dict(
+        hidden_dims=[40, 32, 16],
+        seq_lens=[4, 3, 4],
+        num_layers=[1, 2, 1],
+        train_checkpoint_chunks=[2, 3],
+        block=[
+            {**T, "attn_use_rot_embs": True, "pos_emb_type": None},
+            {**T, "attn_use_rot_embs": True, "pos_emb_type": "fixed"},
+            {**T, "attn_use_rot_embs": True, "pos_emb_type": "rope"},
+        ],
+    ),
+    "m1t": dict(
+        hidden_dims=[32, 16],
+        seq_lens=[8, 4],
+        num_layers=[2, 1],
+        block=[
+            {
+                "block_type": "mamba1",
+                "d_state": 8,
+                "d_conv": 4,
+                "expand": 2,
+                "headdim": 8,
+                "pos_emb_type": None,
+            },
+            {**T, "attn_use_rot_embs": True, "pos_emb_type": "fixed"},
+        ],
+    ),
 }
 
 
@@ -55,12 +83,15 @@ def main(out: Path) -> None:
             ids[1, -2:] = 256  # trailing pad ids in one row
             mask = (torch.rand(2, length) > 0.3).float()
             with torch.no_grad():
-                io["cases"].append({
-                    "ids": ids, "mask": mask,
-                    "logits": model(ids, return_type=MBLMReturnType.LOGITS),
-                    "loss": model(ids, return_type=MBLMReturnType.LOSS),
-                    "loss_masked": model(ids, return_type=MBLMReturnType.LOSS, loss_mask=mask),
-                })
+                io["cases"].append(
+                    {
+                        "ids": ids,
+                        "mask": mask,
+                        "logits": model(ids, return_type=MBLMReturnType.LOGITS),
+                        "loss": model(ids, return_type=MBLMReturnType.LOSS),
+                        "loss_masked": model(ids, return_type=MBLMReturnType.LOSS, loss_mask=mask),
+                    }
+                )
         torch.save({"MODEL": model.state_dict(), "LOSS": 0.0}, out / f"{name}.pth")
         params = {**cfg.model_dump(mode="json"), "input_seq_len": max_len}
         (out / f"{name}.yaml").write_text(yaml.safe_dump({"params": params}))

@@ -69,8 +69,12 @@ def test_logits_and_losses_match_the_reference(exported, case):
 @pytest.mark.slow
 def test_cases_cover_the_stage_blocks(exported):
     blocks = {
-        case: [type(b) for b in convert_reference_checkpoint(
-            exported / f"{case}.pth", exported / f"{case}.yaml").cfg.stage_blocks()]
+        case: [
+            type(b)
+            for b in convert_reference_checkpoint(
+                exported / f"{case}.pth", exported / f"{case}.yaml"
+            ).cfg.stage_blocks()
+        ]
         for case in CASES
     }
     assert [len(b) for b in blocks.values()] == [1, 2, 3, 2]
@@ -80,8 +84,19 @@ def test_cases_cover_the_stage_blocks(exported):
 @pytest.mark.slow
 def test_convert_reference_command_writes_a_loadable_model(exported, tmp_path):
     out = tmp_path / "t2.pt"
-    assert cli_main(["convert-reference", str(exported / "t2.pth"), "--config",
-                     str(exported / "t2.yaml"), "--out", str(out)]) == 0
+    assert (
+        cli_main(
+            [
+                "convert-reference",
+                str(exported / "t2.pth"),
+                "--config",
+                str(exported / "t2.yaml"),
+                "--out",
+                str(out),
+            ]
+        )
+        == 0
+    )
     model = load_model(out).eval()
     io = torch.load(exported / "t2.io.pt", weights_only=True)
     c = io["cases"][0]
@@ -90,8 +105,9 @@ def test_convert_reference_command_writes_a_loadable_model(exported, tmp_path):
 
 
 def test_convert_reference_command_reports_missing_files(tmp_path, capsys):
-    code = cli_main(["convert-reference", str(tmp_path / "nope.pth"), "--out",
-                     str(tmp_path / "x.pt")])
+    code = cli_main(
+        ["convert-reference", str(tmp_path / "nope.pth"), "--out", str(tmp_path / "x.pt")]
+    )
     assert code == 2
     assert "reference checkpoint not found" in capsys.readouterr().err
     assert not (tmp_path / "x.pt").exists()
