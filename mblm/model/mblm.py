@@ -96,6 +96,7 @@ class MBLM(nn.Module):
 
     # ----------------------------------------------------------------------------- checks
 
+    @torch.compiler.disable
     def _check_ids(self, input_ids: torch.Tensor) -> None:
         if not isinstance(input_ids, torch.Tensor):
             raise ValueError(f"input_ids must be a torch.Tensor, got {type(input_ids).__name__}")

@@ -87,26 +87,51 @@ class TransformerBlock(StageBlock):
         )
 
 
+#: on CPU, sequences up to this length (the local stages) use explicit batched-matmul attention,
+#: which beats the fused CPU kernel for short sequences; longer ones and CUDA use SDPA
+SHORT_SEQ_CPU = 64
+
+
+def short_causal_attention(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, dropout: float
+) -> torch.Tensor:
+    """Causal softmax attention by batched matmuls. q, k, v: (n, h, s, e) -> (n, h, s, e)."""
+    n, h, s, e = q.shape
+    mask = torch.full((s, s), float("-inf"), device=q.device, dtype=q.dtype).triu(1)  # (s, s)
+    q3, k3, v3 = (t.reshape(n * h, s, e) for t in (q, k, v))
+    scores = torch.baddbmm(mask, q3, k3.transpose(1, 2), alpha=e**-0.5)  # (n h, s, s)
+    weights = F.dropout(scores.softmax(dim=-1), p=dropout) if dropout else scores.softmax(-1)
+    return torch.bmm(weights, v3).view(n, h, s, e)
+
+
+def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotate pairs (i, i + e/2) of the last dim: x * cos + rotate_half(x) * sin."""
+    return x * cos + rotate_half(x) * sin
+
+
 class CausalSelfAttention(nn.Module):
     def __init__(self, dim: int, head_dim: int, num_heads: int, dropout: float):
         super().__init__()
         self.num_heads = num_heads
-        self.inner = head_dim * num_heads
+        self.head_dim = head_dim
         self.dropout = dropout
         self.norm = RMSNorm(dim)
-        self.qkv = nn.Linear(dim, 3 * self.inner, bias=False)
-        self.out = nn.Linear(self.inner, dim, bias=False)
+        self.qkv = nn.Linear(dim, 3 * head_dim * num_heads, bias=False)
+        self.out = nn.Linear(head_dim * num_heads, dim, bias=False)
 
     def forward(self, x: torch.Tensor, rotary: tuple[torch.Tensor, torch.Tensor] | None):
-        qkv = self.qkv(self.norm(x))  # (n, s, 3 * h * e)
-        q, k, v = rearrange(qkv, "n s (t h e) -> t n h s e", t=3, h=self.num_heads)
+        qkv = self.qkv(self.norm(x)).unflatten(-1, (3, self.num_heads, self.head_dim))
+        qk, v = qkv[:, :, :2], qkv[:, :, 2]  # (n, s, 2, h, e), (n, s, h, e)
         if rotary is not None:
-            cos, sin = rotary  # (s, e)
-            q = q * cos + rotate_half(q) * sin
-            k = k * cos + rotate_half(k) * sin
-        y = F.scaled_dot_product_attention(
-            q, k, v, is_causal=True, dropout_p=self.dropout if self.training else 0.0
-        )  # (n, h, s, e)
+            cos, sin = rotary  # (s, 1, 1, e): q and k rotated in one pass
+            qk = apply_rotary(qk, cos, sin)
+        q, k = qk.unbind(2)
+        q, k, v = (t.transpose(1, 2) for t in (q, k, v))  # (n, h, s, e)
+        dropout = self.dropout if self.training else 0.0
+        if x.device.type == "cpu" and x.shape[1] <= SHORT_SEQ_CPU:
+            y = short_causal_attention(q, k, v, dropout)
+        else:
+            y = F.scaled_dot_product_attention(q, k, v, is_causal=True, dropout_p=dropout)
         return self.out(rearrange(y, "n h s e -> n s (h e)"))
 
 
@@ -171,8 +196,8 @@ class TransformerDecoder(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         rotary = None
         if self.use_rotary:
-            angles = rotary_angles(x.shape[-2], self.head_dim, x.device)  # (s, e)
-            rotary = (angles.cos().to(x.dtype), angles.sin().to(x.dtype))
+            angles = rotary_angles(x.shape[-2], self.head_dim, x.device)[:, None, None]
+            rotary = (angles.cos().to(x.dtype), angles.sin().to(x.dtype))  # (s, 1, 1, e)
         for layer in self.layers:
             x = layer(x, rotary)
         return self.norm(x)
