@@ -87,23 +87,6 @@ class TransformerBlock(StageBlock):
         )
 
 
-#: on CPU, sequences up to this length (the local stages) use explicit batched-matmul attention,
-#: which beats the fused CPU kernel for short sequences; longer ones and CUDA use SDPA
-SHORT_SEQ_CPU = 64
-
-
-def short_causal_attention(
-    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, dropout: float
-) -> torch.Tensor:
-    """Causal softmax attention by batched matmuls. q, k, v: (n, h, s, e) -> (n, h, s, e)."""
-    n, h, s, e = q.shape
-    mask = torch.full((s, s), float("-inf"), device=q.device, dtype=q.dtype).triu(1)  # (s, s)
-    q3, k3, v3 = (t.reshape(n * h, s, e) for t in (q, k, v))
-    scores = torch.baddbmm(mask, q3, k3.transpose(1, 2), alpha=e**-0.5)  # (n h, s, s)
-    weights = F.dropout(scores.softmax(dim=-1), p=dropout) if dropout else scores.softmax(-1)
-    return torch.bmm(weights, v3).view(n, h, s, e)
-
-
 def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
     """Rotate pairs (i, i + e/2) of the last dim: x * cos + rotate_half(x) * sin."""
     return x * cos + rotate_half(x) * sin
@@ -128,10 +111,7 @@ class CausalSelfAttention(nn.Module):
         q, k = qk.unbind(2)
         q, k, v = (t.transpose(1, 2) for t in (q, k, v))  # (n, h, s, e)
         dropout = self.dropout if self.training else 0.0
-        if x.device.type == "cpu" and x.shape[1] <= SHORT_SEQ_CPU:
-            y = short_causal_attention(q, k, v, dropout)
-        else:
-            y = F.scaled_dot_product_attention(q, k, v, is_causal=True, dropout_p=dropout)
+        y = F.scaled_dot_product_attention(q, k, v, is_causal=True, dropout_p=dropout)
         return self.out(rearrange(y, "n h s e -> n s (h e)"))
 
 
