@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Iterable
-from typing import Literal, overload
+from typing import Any, Literal, overload
 
 import torch
 import torch.nn.functional as F
@@ -128,6 +128,14 @@ class MBLM(nn.Module):
                 )
 
     # ----------------------------------------------------------------------------- forward
+
+    def compile(self, *args: Any, **kwargs: Any) -> None:
+        """``torch.compile`` the stage stack (embeddings, stages, projections) in place.
+
+        Input checks, the loss and generation stay eager; the state dict is unchanged.
+        Arguments go to ``torch.compile``.
+        """
+        self._hidden = torch.compile(self._hidden, *args, **kwargs)  # type: ignore[method-assign]
 
     def _embed(self, ids: torch.Tensor) -> list[torch.Tensor]:
         """Token embeddings per stage for nested ids (B, P1', P2, ..., Pn).

@@ -220,3 +220,32 @@ def test_temperature_matters_when_sampling():
     )
     assert torch.equal(cold, greedy)
     assert not torch.equal(hot, greedy)
+
+
+# ---------------------------------------------------------------------------- compile
+
+
+def test_explicit_attention_equals_sdpa():
+    from mblm.model.transformer import explicit_causal_attention
+
+    q, k, v = torch.randn(3, 2, 4, 9, 8).unbind(0)
+    want = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+    torch.testing.assert_close(explicit_causal_attention(q, k, v, 0.0), want)
+
+
+@pytest.mark.slow
+def test_compiled_model_matches_eager_and_keeps_its_state_dict():
+    eager = tiny_model("transformer", stages=2).train()
+    compiled = tiny_model("transformer", stages=2).train()
+    keys = list(compiled.state_dict())
+    compiled.compile()
+    assert list(compiled.state_dict()) == keys
+    x = ids(2, eager.max_seq_len)
+    a, b = eager(x), compiled(x)
+    torch.testing.assert_close(a, b)
+    a.backward()
+    b.backward()
+    for p, q in zip(eager.parameters(), compiled.parameters(), strict=True):
+        torch.testing.assert_close(p.grad, q.grad)
+    with pytest.raises(ValueError, match="holds id 257"):
+        compiled(torch.full((1, 3), 257))
