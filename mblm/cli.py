@@ -19,6 +19,22 @@ def _convert_reference(args: argparse.Namespace) -> int:
     return 0
 
 
+def _train(args: argparse.Namespace) -> int:
+    from mblm.train.config import load_train_config
+    from mblm.train.run import train_mblm
+
+    config = load_train_config(args.config, args.set)
+    result = train_mblm(config, address=args.address)
+    print(f"MLflow run: {result.run_id}")
+    print(
+        f"tracking:   {result.tracking_uri}  (see it with: mlflow ui --backend-store-uri "
+        f"{result.tracking_uri})"
+    )
+    if result.model_path:
+        print(f"best model: {result.model_path}")
+    return 0
+
+
 def _demo(args: argparse.Namespace) -> int:
     from mblm.demo import run_demo
 
@@ -41,6 +57,20 @@ def build_parser() -> argparse.ArgumentParser:
     conv.add_argument("--out", required=True, help="where to write our model file (.pt)")
     conv.set_defaults(func=_convert_reference)
 
+    train = sub.add_parser("train", help="train on Ray from a YAML config, tracked in MLflow")
+    train.add_argument("config", help="training config (see configs/)")
+    train.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="KEY.PATH=VALUE",
+        help="override a config value (repeatable), e.g. --set train.learning_rate=1e-3",
+    )
+    train.add_argument(
+        "--address", help="Ray cluster to join (default: RAY_ADDRESS, else a local Ray)"
+    )
+    train.set_defaults(func=_train)
+
     demo = sub.add_parser(
         "demo", help="train a small model on the bundled corpus for a short while, then sample"
     )
@@ -55,7 +85,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return int(args.func(args))
-    except (ValueError, FileNotFoundError) as err:
+    except (ValueError, FileNotFoundError, ConnectionError) as err:
         print(f"mblm {args.command}: error: {err}", file=sys.stderr)
         return 2
 

@@ -1,0 +1,91 @@
+"""End to end on a real local Ray and a real MLflow (sqlite) store: no mocks."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from mblm.cli import main as cli_main
+from mblm.model.checkpoint import load_model
+from mblm.train.config import load_train_config
+from mblm.train.run import train_mblm
+
+ROOT = Path(__file__).resolve().parents[2]
+DEBUG = ROOT / "configs" / "debug.yaml"
+
+
+@pytest.fixture
+def local_ray(monkeypatch):
+    import ray
+
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    ray.shutdown()
+    yield
+    ray.shutdown()
+
+
+@pytest.mark.slow
+def test_two_workers_train_the_debug_config(tmp_path, local_ray):
+    from mlflow.tracking import MlflowClient
+
+    cfg = load_train_config(DEBUG, [f"io.output_dir={tmp_path}"])
+    result = train_mblm(cfg)
+
+    client = MlflowClient(result.tracking_uri)
+    assert result.tracking_uri == f"sqlite:///{tmp_path / 'mlflow.db'}"
+    run = client.get_run(result.run_id)
+    assert run.info.status == "FINISHED"
+    assert run.data.params["params.hidden_dims"] == "[32, 16]"
+    assert run.data.params["ray.num_workers"] == "2"
+    assert run.data.tags["mblm.world_size"] == "2"
+    history = client.get_metric_history(result.run_id, "train_loss")
+    assert len(history) == 4 and [m.step for m in history] == sorted(m.step for m in history)
+    assert history[-1].value < history[0].value
+    valid = client.get_metric_history(result.run_id, "valid_bpb")
+    assert len(valid) == 2 and all(0 < m.value < 9 for m in valid)
+    for name in ("bytes_per_second", "lr", "grad_norm", "test_bpb"):
+        assert client.get_metric_history(result.run_id, name), name
+    artifacts = {a.path for a in client.list_artifacts(result.run_id)}
+    assert {"config.yaml", "model.pt"} <= artifacts
+    # checkpoints in the run's storage, the best one exported as our model file
+    assert result.checkpoint_path and Path(result.checkpoint_path, "state.pt").is_file()
+    assert list((tmp_path / "ray" / "debug").glob("checkpoint_*"))
+    model = load_model(result.model_path)
+    assert model.hidden_dims == [32, 16]
+
+
+@pytest.mark.parametrize(
+    ("overrides", "message"),
+    [
+        (["io.dataset_id=nosuch"], r"io.dataset_id: unknown dataset 'nosuch'; known: bytes"),
+        (["io.dataset_id=bytes", "io.dataset_dir={tmp}/missing"], "dataset_dir not found"),
+        (["io.dataset_id=bytes", "io.dataset_dir={tmp}/empty"], "no files in"),
+        (["io.dataset_id=bytes", "io.dataset_dir={tmp}/tiny"], "no train window of"),
+        (["train.batch_sise=3"], r"train\.batch_sise: Extra inputs are not permitted"),
+        (["params.input_seq_len=4096"], "input_seq_len=4096 exceeds"),
+    ],
+)
+def test_bad_input_fails_before_any_run(tmp_path, capsys, overrides, message):
+    (tmp_path / "empty").mkdir()
+    (tmp_path / "tiny").mkdir()
+    (tmp_path / "tiny" / "a.txt").write_text("too short")
+    out = tmp_path / "out"
+    args = [s.replace("{tmp}", str(tmp_path)) for s in overrides]
+    code = cli_main(["train", str(DEBUG), "--set", f"io.output_dir={out}",
+                     *sum((["--set", a] for a in args), [])])
+    err = capsys.readouterr().err
+    assert code == 2
+    assert "error:" in err and len(err.strip().splitlines()) == 1
+    assert pytest.importorskip("re").search(message, err), err
+    assert not (out / "mlflow.db").exists()  # no run was started, none left RUNNING
+    assert not (out / "ray").exists()
+
+
+def test_malformed_yaml_is_one_line(tmp_path, capsys):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("io: [oops\n")
+    assert cli_main(["train", str(bad)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "malformed YAML" in err and len(err.splitlines()) == 1
