@@ -8,7 +8,7 @@ PY := $(VENV)/bin/python
 TORCH_PIN := torch==2.13.0
 PYTEST_ARGS ?=
 
-.PHONY: install install-ref train demo test lint format bench clean
+.PHONY: install install-ref train test lint format bench clean
 
 install: $(VENV)/.installed
 install-ref: $(REF_VENV)/.installed
@@ -26,10 +26,9 @@ $(REF_VENV)/.installed:
 	$(REF_VENV)/bin/python -m pip install -q $(TORCH_PIN) mblm==0.4.2
 	touch $@
 
-# The main job. Until training on Ray lands it trains a small model on the bundled corpus
-# (the Python standard library's sources) for a short while and samples from it.
+# The main job: configs/quickstart.yaml on a local Ray, tracked in a local MLflow store
 train: install
-	$(VENV)/bin/mblm demo
+	$(VENV)/bin/mblm train configs/quickstart.yaml
 
 test: install install-ref
 	MBLM_REF_PYTHON=$(abspath $(REF_VENV))/bin/python MBLM_REQUIRE_REF=1 \

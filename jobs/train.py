@@ -1,6 +1,6 @@
 """Entry point for ray job submit.
 
-    ray job submit --working-dir . -- python jobs/train.py CONFIG.yaml [--set KEY=VALUE ...]
+ray job submit --working-dir . -- python jobs/train.py CONFIG.yaml [--set KEY=VALUE ...]
 """
 
 import sys

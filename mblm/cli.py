@@ -35,13 +35,6 @@ def _train(args: argparse.Namespace) -> int:
     return 0
 
 
-def _demo(args: argparse.Namespace) -> int:
-    from mblm.demo import run_demo
-
-    run_demo(steps=args.steps, seconds=args.seconds, out_dir=Path(args.out))
-    return 0
-
-
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="mblm", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -71,13 +64,6 @@ def build_parser() -> argparse.ArgumentParser:
     )
     train.set_defaults(func=_train)
 
-    demo = sub.add_parser(
-        "demo", help="train a small model on the bundled corpus for a short while, then sample"
-    )
-    demo.add_argument("--steps", type=int, default=400, help="training steps at most")
-    demo.add_argument("--seconds", type=float, default=120.0, help="training time at most")
-    demo.add_argument("--out", default="outputs/demo", help="output folder")
-    demo.set_defaults(func=_demo)
     return parser
 
 

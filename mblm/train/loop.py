@@ -122,7 +122,7 @@ def train_loop_per_worker(payload: dict[str, Any]) -> None:
                 loss = ddp(ids, loss_mask=mask) / accum
             with sync:
                 loss.backward()
-            loss_sum += float(loss)
+            loss_sum += float(loss.detach())
             bytes_seen += ids.numel() * plan.world_size
         clip = cfg.train.gradient_clipping or float("inf")
         grad_norm = float(torch.nn.utils.clip_grad_norm_(model.parameters(), clip))

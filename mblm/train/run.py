@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import math
 import os
 import subprocess
 import tempfile
@@ -51,6 +50,10 @@ def _data(cfg: TrainEntryConfig) -> tuple[dict[str, Any], Any, int, int]:
     seq = cfg.params.input_seq_len
     io = cfg.io
     if dataset_registry.is_built_in(io.dataset_id):
+        import ray.data
+
+        # our own progress lines say more than Ray Data's bars, which flood a terminal
+        ray.data.DataContext.get_current().enable_progress_bars = False
         corpora = {m: open_corpus(io.dataset_id, io.dataset_dir, seq, m) for m in ModelMode}
         datasets = {m.value: c.to_ray_dataset() for m, c in corpora.items()}
         return (
@@ -70,19 +73,34 @@ def _data(cfg: TrainEntryConfig) -> tuple[dict[str, Any], Any, int, int]:
     return {}, klass, windows(ModelMode.VALID), test
 
 
-def _init_ray(cfg: TrainEntryConfig, address: str | None) -> None:
+def _init_ray(cfg: TrainEntryConfig, address: str | None) -> float:
+    """Start or join Ray; returns the CPUs each training worker reserves.
+
+    On a local Ray the workers reserve at most all cores but one, fractionally if needed: Ray
+    Data only schedules its read tasks on CPUs that Ray Train has not reserved, so workers
+    holding every core (two 1-CPU workers on a 2-core laptop) would wait for data forever.
+    """
     import ray
 
-    if ray.is_initialized():
-        return
     address = address or cfg.ray.address or os.environ.get("RAY_ADDRESS")
-    if address:
-        ray.init(address=address)
-        return
-    # a local Ray sized so that the workers and Ray Data's read tasks cannot starve each
-    # other: logical CPUs for every worker plus one for data, at least the machine's cores
-    need = math.ceil(cfg.ray.num_workers * cfg.ray.cpus_per_worker) + 1
-    ray.init(num_cpus=max(os.cpu_count() or 1, need), include_dashboard=False)
+    local = not address
+    if not ray.is_initialized():
+        if address:
+            ray.init(address=address)
+        else:
+            ray.init(include_dashboard=False)
+    if not local:
+        return cfg.ray.cpus_per_worker
+    cores = float(ray.cluster_resources().get("CPU", os.cpu_count() or 1))
+    share = max(0.1, (cores - 1) / cfg.ray.num_workers)
+    if cfg.ray.cpus_per_worker > share:
+        print(
+            f"[mblm] local Ray with {cores:g} CPUs: each of {cfg.ray.num_workers} workers "
+            f"reserves {share:.2g} CPU (not {cfg.ray.cpus_per_worker:g}) so Ray Data can read",
+            flush=True,
+        )
+        return share
+    return cfg.ray.cpus_per_worker
 
 
 def train_mblm(config: TrainEntryConfig, address: str | None = None) -> TrainResult:
@@ -103,7 +121,7 @@ def train_mblm(config: TrainEntryConfig, address: str | None = None) -> TrainRes
     out.mkdir(parents=True, exist_ok=True)
     storage = Path(cfg.ray.storage_path or out / "ray").expanduser().resolve()
 
-    _init_ray(cfg, address)
+    worker_cpus = _init_ray(cfg, address)
     tags = {
         "mblm.dataset": f"{cfg.io.dataset_id}:{cfg.io.dataset_dir}",
         "mblm.world_size": str(cfg.ray.num_workers),
@@ -126,7 +144,7 @@ def train_mblm(config: TrainEntryConfig, address: str | None = None) -> TrainRes
                 num_workers=cfg.ray.num_workers,
                 use_gpu=cfg.ray.use_gpu,
                 resources_per_worker={
-                    "CPU": cfg.ray.cpus_per_worker,
+                    "CPU": worker_cpus,
                     **({"GPU": cfg.ray.gpus_per_worker or 1} if cfg.ray.use_gpu else {}),
                 },
             ),
@@ -134,6 +152,8 @@ def train_mblm(config: TrainEntryConfig, address: str | None = None) -> TrainRes
                 name=cfg.io.name_model,
                 storage_path=str(storage),
                 failure_config=FailureConfig(max_failures=cfg.ray.max_failures),
+                # workers print progress themselves; Ray's print patch would echo each line
+                worker_runtime_env={"env_vars": {"RAY_TRAIN_ENABLE_PRINT_PATCH": "0"}},  # type: ignore[call-arg]
                 checkpoint_config=CheckpointConfig(
                     num_to_keep=cfg.io.num_models_to_save,
                     checkpoint_score_attribute="valid_loss",

@@ -73,8 +73,15 @@ def test_bad_input_fails_before_any_run(tmp_path, capsys, overrides, message):
     (tmp_path / "tiny" / "a.txt").write_text("too short")
     out = tmp_path / "out"
     args = [s.replace("{tmp}", str(tmp_path)) for s in overrides]
-    code = cli_main(["train", str(DEBUG), "--set", f"io.output_dir={out}",
-                     *sum((["--set", a] for a in args), [])])
+    code = cli_main(
+        [
+            "train",
+            str(DEBUG),
+            "--set",
+            f"io.output_dir={out}",
+            *sum((["--set", a] for a in args), []),
+        ]
+    )
     err = capsys.readouterr().err
     assert code == 2
     assert "error:" in err and len(err.strip().splitlines()) == 1

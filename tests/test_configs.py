@@ -1,0 +1,30 @@
+"""Every shipped config validates, and its dataset and model fit together."""
+
+from pathlib import Path
+
+import pytest
+
+from mblm import MBLM
+from mblm.data.corpus import open_corpus
+from mblm.data.registry import dataset_registry
+from mblm.data.types import ModelMode
+from mblm.train.config import load_train_config
+
+CONFIGS = sorted((Path(__file__).resolve().parents[1] / "configs").glob("*.yaml"))
+
+
+def test_configs_exist():
+    assert {p.name for p in CONFIGS} >= {"debug.yaml", "quickstart.yaml"}
+
+
+@pytest.mark.parametrize("path", CONFIGS, ids=lambda p: p.name)
+def test_config_validates_and_builds(path):
+    cfg = load_train_config(path)
+    assert dataset_registry.is_built_in(cfg.io.dataset_id)
+    model = MBLM(cfg.params.model_config_only())
+    assert model.max_seq_len >= cfg.params.input_seq_len
+    if cfg.io.dataset_id == "stdlib":
+        corpus = open_corpus(
+            "stdlib", cfg.io.dataset_dir, cfg.params.input_seq_len, ModelMode.VALID
+        )
+        assert corpus.num_windows() >= cfg.ray.num_workers
