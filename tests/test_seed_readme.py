@@ -37,9 +37,6 @@ def examples() -> dict[str, str]:
 
 
 EXAMPLES = examples()
-# The custom-dataset example trains through mblm.train (the Ray training issue); it is the
-# one example this test does not run yet.
-NOT_YET = {"Custom datasets"}
 
 
 def test_readme_has_the_examples_we_expect():
@@ -139,3 +136,26 @@ def test_streaming_to_stdout(talking_model, capsys):
     # approach 1 decodes UTF-8 on the fly, approach 2 writes the integers
     assert out == SENTENCE + ints
     assert sys.stdout is not None
+
+
+@pytest.mark.slow
+def test_custom_dataset_example_trains(tmp_path, monkeypatch):
+    """The README's torchrun script, run as a script: it trains on a local Ray instead."""
+    import ray
+    from mlflow.tracking import MlflowClient
+
+    monkeypatch.chdir(tmp_path)  # its output_dir and dataset_dir are relative
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    ray.shutdown()
+    scope: dict = {"__name__": "__main__"}
+    try:
+        exec(compile(EXAMPLES["Custom datasets"], "README:train_my_mblm.py", "exec"), scope)
+    finally:
+        ray.shutdown()
+    client = MlflowClient(f"sqlite:///{tmp_path / 'data' / 'outputs' / 'mlflow.db'}")
+    runs = client.search_runs([e.experiment_id for e in client.search_experiments()])
+    assert [r.info.status for r in runs] == ["FINISHED"]
+    assert runs[0].data.params["io.dataset_id"] == "mydataset"
+    assert client.get_metric_history(runs[0].info.run_id, "valid_loss")
+    assert (tmp_path / "data" / "outputs" / "model.pt").is_file()
