@@ -109,7 +109,13 @@ def train_mblm(config: TrainEntryConfig, address: str | None = None) -> TrainRes
     from ray.train.torch import TorchTrainer
 
     from mblm.model.checkpoint import save_model
-    from mblm.tracking.mlflow import RunLogger, end_run, start_run
+    from mblm.tracking.mlflow import (
+        RunLogger,
+        check_reachable,
+        end_run,
+        resolve_tracking,
+        start_run,
+    )
     from mblm.train.checkpoint import model_from_training_state
     from mblm.train.loop import train_loop_per_worker
 
@@ -121,6 +127,7 @@ def train_mblm(config: TrainEntryConfig, address: str | None = None) -> TrainRes
     out.mkdir(parents=True, exist_ok=True)
     storage = Path(cfg.ray.storage_path or out / "ray").expanduser().resolve()
 
+    check_reachable(resolve_tracking(cfg)[0])  # an unreachable server fails before Ray starts
     worker_cpus = _init_ray(cfg, address)
     tags = {
         "mblm.dataset": f"{cfg.io.dataset_id}:{cfg.io.dataset_dir}",

@@ -96,3 +96,25 @@ def test_malformed_yaml_is_one_line(tmp_path, capsys):
     assert cli_main(["train", str(bad)]) == 2
     err = capsys.readouterr().err.strip()
     assert "malformed YAML" in err and len(err.splitlines()) == 1
+
+
+def test_unreachable_tracking_server_fails_before_training(tmp_path, capsys):
+    import socket
+
+    with socket.socket() as sock:  # a free port on 127.0.0.1 that nothing listens on
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    out = tmp_path / "out"
+    code = cli_main(
+        [
+            "train",
+            str(DEBUG),
+            "--set",
+            f"io.output_dir={out}",
+            "--set",
+            f"mlflow.tracking_uri=http://127.0.0.1:{port}",
+        ]
+    )
+    err = capsys.readouterr().err
+    assert code == 2 and f"MLflow tracking server http://127.0.0.1:{port} is unreachable" in err
+    assert not (out / "ray").exists()
