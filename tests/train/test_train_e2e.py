@@ -118,3 +118,70 @@ def test_unreachable_tracking_server_fails_before_training(tmp_path, capsys):
     err = capsys.readouterr().err
     assert code == 2 and f"MLflow tracking server http://127.0.0.1:{port} is unreachable" in err
     assert not (out / "ray").exists()
+
+
+@pytest.mark.slow
+def test_killed_worker_is_replaced_and_the_run_resumes(tmp_path):
+    """`mblm train` as a user runs it; a training worker is SIGKILLed after the first checkpoint."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    from mlflow.tracking import MlflowClient
+
+    env = {k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS", "MLFLOW_TRACKING_URI")}
+    cmd = [
+        sys.executable,
+        "-m",
+        "mblm.cli",
+        "train",
+        str(DEBUG),
+        "--set",
+        f"io.output_dir={tmp_path}",
+        "--set",
+        "ray.max_failures=1",
+        "--set",
+        "train.target_elements=120000",
+        "--set",
+        "io.validate_amount=4",
+        "--set",
+        "io.num_models_to_save=4",
+    ]
+    log = (tmp_path / "train.log").open("w")
+    proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env)
+    try:
+        deadline = time.monotonic() + 300
+        while not list((tmp_path / "ray" / "debug").glob("checkpoint_*")):
+            assert proc.poll() is None, (tmp_path / "train.log").read_text()[-3000:]
+            assert time.monotonic() < deadline, "no checkpoint in 300 s"
+            time.sleep(0.5)
+        workers = _pids_titled("RayTrainWorker")
+        assert workers, "no Ray Train worker process found"
+        os.kill(workers[-1], signal.SIGKILL)
+        assert proc.wait(timeout=600) == 0, (tmp_path / "train.log").read_text()[-3000:]
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        log.close()
+    out = (tmp_path / "train.log").read_text()
+    assert "[mblm] resumed at step" in out
+    client = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    (run,) = client.search_runs([e.experiment_id for e in client.search_experiments()])
+    assert run.info.status == "FINISHED"
+    steps = [m.step for m in client.get_metric_history(run.info.run_id, "valid_loss")]
+    assert max(steps) == 120000 // 1024 + (120000 % 1024 > 0)  # ran to the planned last step
+
+
+def _pids_titled(word: str) -> list[int]:
+    """Processes whose command line (Ray sets it to the actor's name) mentions ``word``."""
+    pids = []
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                if word in (entry / "cmdline").read_bytes().decode(errors="replace"):
+                    pids.append(int(entry.name))
+            except OSError:
+                continue
+    return sorted(pids)
