@@ -148,15 +148,19 @@ def test_killed_worker_is_replaced_and_the_run_resumes(tmp_path):
         "io.validate_amount=4",
         "--set",
         "io.num_models_to_save=4",
+        "--set",
+        "io.log_train_loss_amount=40",
     ]
     log = (tmp_path / "train.log").open("w")
     proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env)
     try:
+        # kill once training went on past the first checkpoint (step 30 of 118): by then
+        # ray.train.report has returned, so the checkpoint is registered
         deadline = time.monotonic() + 300
-        while not list((tmp_path / "ray" / "debug").glob("checkpoint_*")):
+        while not _progress_past(tmp_path / "train.log", 30):
             assert proc.poll() is None, (tmp_path / "train.log").read_text()[-3000:]
-            assert time.monotonic() < deadline, "no checkpoint in 300 s"
-            time.sleep(0.5)
+            assert time.monotonic() < deadline, "training did not pass step 30 in 300 s"
+            time.sleep(0.2)
         workers = _pids_titled("RayTrainWorker")
         assert workers, "no Ray Train worker process found"
         os.kill(workers[-1], signal.SIGKILL)
@@ -185,3 +189,10 @@ def _pids_titled(word: str) -> list[int]:
             except OSError:
                 continue
     return sorted(pids)
+
+
+def _progress_past(log: Path, step: int) -> bool:
+    import re
+
+    text = log.read_text(errors="replace") if log.exists() else ""
+    return any(int(m) > step for m in re.findall(r"\[mblm\] step (\d+)/", text))
