@@ -154,10 +154,11 @@ def test_killed_worker_is_replaced_and_the_run_resumes(tmp_path):
     log = (tmp_path / "train.log").open("w")
     proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env)
     try:
-        # kill once training went on past the first checkpoint (step 30 of 118): by then
-        # ray.train.report has returned, so the checkpoint is registered
+        # kill once Ray Train's controller has registered the first checkpoint (step 30 of
+        # 118; it then writes its snapshot) and training went on past it
+        snapshot = tmp_path / "ray" / "debug" / "checkpoint_manager_snapshot.json"
         deadline = time.monotonic() + 300
-        while not _progress_past(tmp_path / "train.log", 30):
+        while not (snapshot.exists() and _progress_past(tmp_path / "train.log", 30)):
             assert proc.poll() is None, (tmp_path / "train.log").read_text()[-3000:]
             assert time.monotonic() < deadline, "training did not pass step 30 in 300 s"
             time.sleep(0.2)
