@@ -290,18 +290,7 @@ def run_case(case: Case, args: argparse.Namespace, pythons: dict[str, str]) -> d
     for r in range(rounds):
         order = SIDES if r % 2 == 0 else SIDES[::-1]
         for side in order:
-            spec = {
-                "side": side,
-                "config": copy.deepcopy(case.configs[side]),
-                "batch_size": case.batch_size,
-                "seq_len": case.seq_len,
-                "warmup": warmup[side],
-                "steps": steps[side],
-                "threads": args.threads,
-                "seed": args.seed,
-                "mode": "train",
-                "compile": case.compile_ours and side == "ours",
-            }
+            spec = worker_spec(case, side, args, "train", warmup[side], steps[side])
             res = run_worker(pythons[side], spec, args.worker_timeout)
             res["round"] = r
             res["loadavg_after"] = loadavg()
@@ -328,22 +317,32 @@ def run_case(case: Case, args: argparse.Namespace, pythons: dict[str, str]) -> d
     return summary
 
 
+def worker_spec(
+    case: Case, side: str, args: argparse.Namespace, mode: str, warmup: int, steps: int
+) -> dict[str, Any]:
+    """What one worker run measures (see worker.py)."""
+    return {
+        "side": side,
+        "config": copy.deepcopy(case.configs[side]),
+        "batch_size": case.batch_size,
+        "seq_len": case.seq_len,
+        "warmup": warmup,
+        "steps": steps,
+        "threads": args.threads,
+        "seed": args.seed,
+        "mode": mode,
+        "compile": case.compile_ours and side == "ours",
+    }
+
+
 def profile_case(case: Case, args: argparse.Namespace, pythons: dict[str, str]) -> None:
     """Run each selected side once under torch.profiler; write the op tables to results/."""
     sides = ["ours", "ref"] if args.profile_ref else ["ours"]
     for side in sides:
-        spec = {
-            "side": side,
-            "config": copy.deepcopy(case.configs[side]),
-            "batch_size": case.batch_size,
-            "seq_len": case.seq_len,
-            "warmup": case.warmup[side],
-            "steps": args.steps or case.steps[side],
-            "threads": args.threads,
-            "seed": args.seed,
-            "mode": "profile",
-            "profile_rows": args.profile_rows,
-        }
+        spec = worker_spec(
+            case, side, args, "profile", case.warmup[side], args.steps or case.steps[side]
+        )
+        spec["profile_rows"] = args.profile_rows
         res = run_worker(pythons[side], spec, args.worker_timeout)
         if "error" in res:
             print(f"[bench] profile {case.name} {side}: ERROR {res['error']}", file=sys.stderr)

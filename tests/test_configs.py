@@ -27,4 +27,4 @@ def test_config_validates_and_builds(path):
         corpus = open_corpus(
             "stdlib", cfg.io.dataset_dir, cfg.params.input_seq_len, ModelMode.VALID
         )
-        assert corpus.num_windows() >= cfg.ray.num_workers
+        assert corpus.num_windows >= cfg.ray.num_workers

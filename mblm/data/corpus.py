@@ -19,6 +19,7 @@ import sysconfig
 import zlib
 from collections.abc import Iterator
 from dataclasses import dataclass
+from functools import cached_property
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -68,7 +69,9 @@ class Corpus:
         rel = self._rel(path)
         return [o for o in starts if window_split(rel, o) == self.mode]
 
+    @cached_property
     def num_windows(self) -> int:
+        """Windows of this split (from file sizes; computed once)."""
         return sum(len(self.offsets(p, p.stat().st_size)) for p in self.files)
 
     def windows(self, path: str, data: bytes) -> Iterator[np.ndarray]:
@@ -136,7 +139,7 @@ def open_corpus(dataset_id: str, dataset_dir: str, seq_len: int, mode: ModelMode
         raise ValueError(f"unknown built-in corpus {dataset_id!r}")
     if not corpus.files:
         raise ValueError(f"dataset {dataset_id!r}: no files in {dataset_dir!r}")
-    if corpus.num_windows() == 0:
+    if corpus.num_windows == 0:
         largest = max(p.stat().st_size for p in corpus.files)
         raise ValueError(
             f"dataset {dataset_id!r} ({dataset_dir!r}) has no {mode.value} window of "

@@ -67,9 +67,14 @@ def load_model(path: str | Path, map_location: str | torch.device = "cpu") -> MB
     if not isinstance(blob, dict) or blob.get("format") != FORMAT:
         hint = " (a reference checkpoint? use `mblm convert-reference`)" if "MODEL" in blob else ""
         raise ValueError(f"{path} is not an mblm model file{hint}")
-    model = MBLM(MBLMModelConfig.model_validate(blob["config"]))
-    model.load_state_dict(blob["state_dict"])
-    return model.to(map_location)
+    return build_model(blob["config"], blob["state_dict"]).to(map_location)
+
+
+def build_model(config: Mapping[str, Any], state: Mapping[str, torch.Tensor]) -> MBLM:
+    """An MBLM from a config dict and its weights."""
+    model = MBLM(MBLMModelConfig.model_validate(config))
+    model.load_state_dict(state)
+    return model
 
 
 def _strip_prefixes(state: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:

@@ -104,6 +104,3 @@ class RunLogger:
 
     def log_artifact(self, path: Path, folder: str | None = None) -> None:
         self.client.log_artifact(self.run_id, str(path), folder)
-
-    def flush(self) -> None:
-        pass

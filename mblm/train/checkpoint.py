@@ -7,7 +7,7 @@ from typing import Any
 
 import torch
 
-from mblm.model.checkpoint import atomic_torch_save
+from mblm.model.checkpoint import atomic_torch_save, build_model
 from mblm.model.mblm import MBLM
 
 STATE_FILE = "state.pt"
@@ -43,9 +43,5 @@ def load_training_state(folder: Path, model: MBLM, opt: torch.optim.Optimizer, s
 
 
 def model_from_training_state(folder: Path) -> MBLM:
-    from mblm.model.config import MBLMModelConfig
-
     blob = torch.load(folder / STATE_FILE, map_location="cpu", weights_only=True)
-    model = MBLM(MBLMModelConfig.model_validate(blob["model_config"]))
-    model.load_state_dict(blob["model"])
-    return model
+    return build_model(blob["model_config"], blob["model"])

@@ -112,7 +112,7 @@ def train_loop_per_worker(payload: dict[str, Any]) -> None:
     t_start, bytes_seen = time.perf_counter(), 0
     start_step = step
     while step < plan.total_steps:
-        loss_sum = 0.0
+        loss_sum = torch.zeros((), device=device)  # stays on the device: no sync per step
         for micro in range(accum):
             ids, mask = next(train_batches)
             ids, mask = ids.to(device), mask.to(device)
@@ -122,10 +122,10 @@ def train_loop_per_worker(payload: dict[str, Any]) -> None:
                 loss = ddp(ids, loss_mask=mask) / accum
             with sync:
                 loss.backward()
-            loss_sum += float(loss.detach())
+            loss_sum += loss.detach()
             bytes_seen += ids.numel() * plan.world_size
         clip = cfg.train.gradient_clipping or float("inf")
-        grad_norm = float(torch.nn.utils.clip_grad_norm_(model.parameters(), clip))
+        grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), clip)
         opt.step()
         sched.step()
         opt.zero_grad(set_to_none=True)
@@ -133,20 +133,21 @@ def train_loop_per_worker(payload: dict[str, Any]) -> None:
 
         metrics: dict[str, float] = {}
         if step in plan.log_steps:
+            train_loss = float(loss_sum)
             elapsed = time.perf_counter() - t_start
             rate = bytes_seen / max(elapsed, 1e-9)
             metrics.update(
-                train_loss=loss_sum,
-                train_bpb=loss_sum / LN2,
+                train_loss=train_loss,
+                train_bpb=train_loss / LN2,
                 bytes_per_second=rate,
                 lr=float(sched.get_last_lr()[0]),
-                grad_norm=grad_norm,
+                grad_norm=float(grad_norm),
             )
             if rank == 0:
                 left = (plan.total_steps - step) * elapsed / max(step - start_step, 1)
                 print(
-                    f"[mblm] step {step}/{plan.total_steps} loss {loss_sum:.4f} "
-                    f"({loss_sum / LN2:.3f} bits/byte) {rate:,.0f} bytes/s, "
+                    f"[mblm] step {step}/{plan.total_steps} loss {train_loss:.4f} "
+                    f"({train_loss / LN2:.3f} bits/byte) {rate:,.0f} bytes/s, "
                     f"{left:,.0f} s left",
                     flush=True,
                 )
@@ -168,8 +169,6 @@ def train_loop_per_worker(payload: dict[str, Any]) -> None:
             print(f"[mblm] test {test / LN2:.4f} bits/byte", flush=True)
         if tracker is not None:
             tracker.log_metrics({"test_loss": test, "test_bpb": test / LN2}, step)
-    if tracker is not None:
-        tracker.flush()
 
 
 def _no_sync(ddp: torch.nn.Module) -> contextlib.AbstractContextManager[Any]:

@@ -59,8 +59,8 @@ def _data(cfg: TrainEntryConfig) -> tuple[dict[str, Any], Any, int, int]:
         return (
             datasets,
             None,
-            corpora[ModelMode.VALID].num_windows(),
-            corpora[ModelMode.TEST].num_windows(),
+            corpora[ModelMode.VALID].num_windows,
+            corpora[ModelMode.TEST].num_windows,
         )
     klass = dataset_registry.retrieve(io.dataset_id)
     world = cfg.ray.num_workers

@@ -16,7 +16,7 @@ def test_hash_split_partitions_every_window_deterministically(tmp_path):
     for i in range(5):
         write(tmp_path, f"d{i % 2}/f{i}.bin", 10_000 + 37 * i, seed=i)
     (tmp_path / ".hidden").write_bytes(b"x" * 10_000)  # hidden files are not corpus
-    counts = {m: open_corpus("bytes", str(tmp_path), 64, m).num_windows() for m in ModelMode}
+    counts = {m: open_corpus("bytes", str(tmp_path), 64, m).num_windows for m in ModelMode}
     total = sum((10_000 + 37 * i) // 64 for i in range(5))
     assert sum(counts.values()) == total
     assert counts[ModelMode.TRAIN] > 10 * counts[ModelMode.VALID] > 0
@@ -35,13 +35,13 @@ def test_pg19_layout_splits_by_folder(tmp_path):
     write(tmp_path, "train/ignored.bin", 1000)
     train = open_corpus("pg19", str(tmp_path), 100, ModelMode.TRAIN)
     assert [p.name for p in train.files] == ["0.txt", "1.txt", "2.txt"]
-    assert train.num_windows() == 30
-    assert open_corpus("pg19", str(tmp_path), 100, ModelMode.VALID).num_windows() == 10
+    assert train.num_windows == 30
+    assert open_corpus("pg19", str(tmp_path), 100, ModelMode.VALID).num_windows == 10
 
 
 def test_stdlib_corpus_exists_everywhere():
     corpus = open_corpus("stdlib", "ignored", 512, ModelMode.VALID)
-    assert len(corpus.files) > 100 and corpus.num_windows() > 100
+    assert len(corpus.files) > 100 and corpus.num_windows > 100
 
 
 @pytest.mark.parametrize(
