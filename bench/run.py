@@ -11,7 +11,7 @@ import importlib
 import sys
 from pathlib import Path
 
-BENCHMARKS = ["train_throughput", "ray_overhead"]
+BENCHMARKS = ["train_throughput", "generate_speed", "ray_overhead"]
 
 
 def main(argv: list[str]) -> int:

@@ -225,8 +225,11 @@ def wait_for_idle(max_wait_s: float, threshold: float) -> None:
         time.sleep(min(30.0, max(1.0, deadline - time.monotonic())))
 
 
-def run_worker(python: str, spec: dict[str, Any], timeout_s: float) -> dict[str, Any]:
-    """One worker subprocess; returns its JSON result, or ``{"error": ...}``."""
+def run_worker(
+    python: str, spec: dict[str, Any], timeout_s: float, worker: Path = WORKER
+) -> dict[str, Any]:
+    """One worker subprocess (``worker``, a script taking its JSON spec on stdin); returns
+    its JSON result, or ``{"error": ...}``."""
     env = dict(os.environ)
     env.pop("PYTHONPATH", None)  # never let one side's package leak into the other
     env.pop("PYTHONHOME", None)
@@ -238,7 +241,7 @@ def run_worker(python: str, spec: dict[str, Any], timeout_s: float) -> dict[str,
         t0 = time.perf_counter()
         try:
             proc = subprocess.run(
-                [python, str(WORKER), "-"],
+                [python, str(worker), "-"],
                 input=json.dumps(spec),
                 capture_output=True,
                 text=True,

@@ -10,7 +10,10 @@ Contract for a block class (checked by the test suite for every registered block
 - implement ``to_model(model_dim, num_layers)``,
 - optionally override ``check_stage(model_dim, seq_len)`` to reject sizes the block
   cannot run with (raise ``ValueError`` naming the field and value),
-- optionally give the module a ``step`` for cached generation (see ``mblm.model.generate``).
+- optionally give the module ``prefill(x, max_len) -> (out, state)`` and
+  ``step(x_t, state) -> (out_t, state)`` for cached generation (the contract is in
+  :mod:`mblm.model.decode`); without them, generation keeps the stage's inputs and reruns
+  the module on them for every step, which is correct for any causal module, only slower.
 
 Blocks are registered in :data:`mblm.model.config.block_registry` so that YAML and dict
 configs can name them. Parsing is deterministic: an explicit ``block_type`` selects the

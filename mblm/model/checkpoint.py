@@ -156,3 +156,10 @@ def convert_reference_checkpoint(
             f"missing {sorted(missing)[:8]}, unexpected {sorted(unexpected)[:8]}"
         )
     return model
+
+
+def parameter_count(cfg: MBLMModelConfig) -> int:
+    """Parameters of the model ``cfg`` describes, counted on the meta device (no memory)."""
+    with torch.device("meta"):
+        model = MBLM(cfg)
+    return sum(p.numel() for p in model.parameters())

@@ -30,17 +30,35 @@ def token_shift(x: torch.Tensor) -> torch.Tensor:
     return torch.cat((x[..., :keep], shifted), dim=-1)
 
 
+def shift_after(x: torch.Tensor, prev: torch.Tensor) -> torch.Tensor:
+    """:func:`token_shift` of one new position: x (n, 1, D) after ``prev`` (n, D), the
+    previous position's input (zeros before the first position)."""
+    keep = (x.shape[-1] + 1) // 2
+    return torch.cat((x[..., :keep], prev[:, None, keep:]), dim=-1)
+
+
 def rotate_half(x: torch.Tensor) -> torch.Tensor:
     x1, x2 = x.chunk(2, dim=-1)
     return torch.cat((-x2, x1), dim=-1)
 
 
-def rotary_angles(seq_len: int, dim: int, device: torch.device, offset: int = 0) -> torch.Tensor:
-    """Angles for rotary attention in the half-split layout: (S, dim), theta 10,000."""
+def rotary_angles(
+    seq_len: int,
+    dim: int,
+    device: torch.device,
+    offset: int = 0,
+    positions: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Angles for rotary attention in the half-split layout, theta 10,000.
+
+    Positions ``offset .. offset + seq_len - 1``: (S, dim); or explicit ``positions`` of any
+    shape (...): (..., dim), e.g. one position per row when decoding rows at different places.
+    """
     inv_freq = 1.0 / (10_000 ** (torch.arange(0, dim, 2, device=device).float() / dim))
-    pos = torch.arange(offset, offset + seq_len, device=device, dtype=torch.float32)
-    freqs = torch.outer(pos, inv_freq)  # (S, dim/2)
-    return torch.cat((freqs, freqs), dim=-1)  # (S, dim)
+    if positions is None:
+        positions = torch.arange(offset, offset + seq_len, device=device)
+    freqs = positions.float()[..., None] * inv_freq  # (..., dim/2)
+    return torch.cat((freqs, freqs), dim=-1)  # (..., dim)
 
 
 class InterleavedRoPE(nn.Module):
@@ -57,10 +75,14 @@ class InterleavedRoPE(nn.Module):
         theta = 1.0 / (base ** (torch.arange(0, dim, 2)[: dim // 2].float() / dim))
         self.register_buffer("theta", theta, persistent=False)
 
-    def forward(self, x: torch.Tensor, offset: int = 0) -> torch.Tensor:
-        seq_len = x.shape[-2]
-        pos = torch.arange(offset, offset + seq_len, device=x.device, dtype=torch.float32)
-        angles = torch.outer(pos, self.theta)  # (S, D/2)
+    def forward(
+        self, x: torch.Tensor, offset: int = 0, positions: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """Rotate x (..., S, D) by positions ``offset ..``, or by ``positions`` broadcastable
+        to (..., S) (e.g. (b, 1): one position per row)."""
+        if positions is None:
+            positions = torch.arange(offset, offset + x.shape[-2], device=x.device)
+        angles = positions.float()[..., None] * self.theta  # (..., S, D/2)
         cos, sin = angles.cos(), angles.sin()
         xf = x.float().unflatten(-1, (-1, 2))  # (..., S, D/2, 2)
         x0, x1 = xf[..., 0], xf[..., 1]

@@ -230,6 +230,11 @@ def ssd_chunked(
 # --------------------------------------------------------------------------------------------
 
 
+def _state_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The SSM state's dtype for a model in ``dtype``: float32, or float64 for float64."""
+    return torch.promote_types(dtype, torch.float32)
+
+
 class RMSNormGated(nn.Module):
     """Gated RMSNorm (mamba-ssm's, ``norm_before_gate=False``, one group):
     ``rmsnorm(x * silu(z)) * weight``."""
@@ -241,9 +246,10 @@ class RMSNormGated(nn.Module):
 
     def forward(self, x: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
         dtype = x.dtype
-        x = x.float() * F.silu(z.float())
+        cdt = torch.promote_types(dtype, torch.float32)  # float32, float64 for float64 input
+        x = x.to(cdt) * F.silu(z.to(cdt))
         x = x * torch.rsqrt(x.pow(2).mean(dim=-1, keepdim=True) + self.eps)
-        return (x * self.weight.float()).to(dtype)
+        return (x * self.weight.to(cdt)).to(dtype)
 
 
 class Mamba2Mixer(nn.Module):
@@ -313,22 +319,32 @@ class Mamba2Mixer(nn.Module):
         return HAS_MAMBA_SSM and self.use_kernels and u.is_cuda
 
     def forward(self, u: torch.Tensor) -> torch.Tensor:
+        return self._mix(u, with_state=False)[0]
+
+    def prefill(self, u: torch.Tensor) -> tuple[torch.Tensor, LayerState]:
+        """Forward over u (b, l, D), also returning the state after the last position (the
+        cache :meth:`step` continues from)."""
+        out, state = self._mix(u, with_state=True)
+        assert state is not None
+        return out, state
+
+    def _mix(self, u: torch.Tensor, with_state: bool) -> tuple[torch.Tensor, LayerState | None]:
         seqlen = u.shape[1]
         zxbcdt = self.in_proj(u)  # (b, l, d_in_proj)
-        z, xBC, dt = torch.split(zxbcdt, [self.d_inner, self.conv_dim, self.nheads], dim=-1)
-        A = -torch.exp(self.A_log.float())  # (h,)
+        z, xBC_in, dt = torch.split(zxbcdt, [self.d_inner, self.conv_dim, self.nheads], dim=-1)
         conv_w = rearrange(self.conv1d.weight, "d 1 w -> d w")  # (conv_dim, d_conv)
 
+        ssm_state: torch.Tensor | None = None
         if self._kernels_for(u):
             assert causal_conv1d_fn is not None and mamba_chunk_scan_combined is not None
             xBC = causal_conv1d_fn(
-                xBC.transpose(1, 2), conv_w, bias=self.conv1d.bias, activation="silu"
+                xBC_in.transpose(1, 2), conv_w, bias=self.conv1d.bias, activation="silu"
             ).transpose(1, 2)  # (b, l, conv_dim)
             x, B, C = torch.split(xBC, [self.d_inner, self.d_state, self.d_state], dim=-1)
-            y = mamba_chunk_scan_combined(
+            result = mamba_chunk_scan_combined(
                 rearrange(x, "b l (h p) -> b l h p", p=self.headdim),
                 dt,
-                A,
+                -torch.exp(self.A_log.float()),  # A (h,)
                 rearrange(B, "b l n -> b l 1 n"),
                 rearrange(C, "b l n -> b l 1 n"),
                 chunk_size=self.chunk_size,
@@ -336,40 +352,59 @@ class Mamba2Mixer(nn.Module):
                 z=None,
                 dt_bias=self.dt_bias,
                 dt_softplus=True,
-            )  # (b, l, h, p)
+                return_final_states=with_state,
+            )  # (b, l, h, p), and (b, h, p, n) with the state
+            y, ssm_state = result if with_state else (result, None)
         else:
-            xBC = self.conv1d(xBC.transpose(1, 2))[..., :seqlen]  # (b, conv_dim, l)
+            xBC = self.conv1d(xBC_in.transpose(1, 2))[..., :seqlen]  # (b, conv_dim, l)
             xBC = F.silu(xBC.transpose(1, 2))  # (b, l, conv_dim)
             x, B, C = torch.split(xBC, [self.d_inner, self.d_state, self.d_state], dim=-1)
-            dt = F.softplus(dt.float() + self.dt_bias.float())  # (b, l, h)
+            cdt = _state_dtype(u.dtype)
+            dt = F.softplus(dt.to(cdt) + self.dt_bias.to(cdt))  # (b, l, h)
             # balanced chunks of at most TORCH_CHUNK_SIZE: least padding, same result
             n_chunks = max(1, -(-seqlen // TORCH_CHUNK_SIZE))
             chunk_size = max(1, -(-seqlen // n_chunks))
-            y, _ = ssd_chunked(
+            y, ssm_state = ssd_chunked(
                 rearrange(x, "b l (h p) -> b l h p", p=self.headdim),
                 dt,
-                A,
+                -torch.exp(self.A_log.to(cdt)),  # A (h,)
                 B,
                 C,
                 self.D,
                 chunk_size=chunk_size,
-            )  # (b, l, h, p)
+            )  # (b, l, h, p), (b, h, p, n)
 
         y = rearrange(y, "b l h p -> b l (h p)")  # (b, l, d_inner)
-        return self.out_proj(self.norm(y, z))  # (b, l, D)
+        out = self.out_proj(self.norm(y, z))  # (b, l, D)
+        if not with_state:
+            return out, None
+        assert ssm_state is not None
+        # the conv state holds the last d_conv conv inputs (zeros before the first position)
+        conv_state = F.pad(xBC_in.transpose(1, 2), (self.d_conv - seqlen, 0))  # (b, conv_dim, w)
+        return out, (conv_state, ssm_state.to(_state_dtype(u.dtype)))
 
     def init_state(
         self, batch_size: int, device: torch.device | str | None, dtype: torch.dtype
     ) -> LayerState:
         conv = torch.zeros(batch_size, self.conv_dim, self.d_conv, device=device, dtype=dtype)
         ssm = torch.zeros(
-            batch_size, self.nheads, self.headdim, self.d_state, device=device, dtype=torch.float32
+            batch_size,
+            self.nheads,
+            self.headdim,
+            self.d_state,
+            device=device,
+            dtype=_state_dtype(dtype),
         )
         return conv, ssm
 
     def step(self, u: torch.Tensor, state: LayerState) -> tuple[torch.Tensor, LayerState]:
-        """One position: u (b, 1, D) -> (b, 1, D); returns new states (inputs untouched)."""
+        """One position: u (b, 1, D) -> (b, 1, D); returns new states (inputs untouched).
+
+        Pure PyTorch on every device; like the pure PyTorch :meth:`forward`, the SSM part
+        computes in float32, or float64 for a float64 model.
+        """
         conv_state, ssm_state = state
+        cdt = ssm_state.dtype
         zxbcdt = self.in_proj(u[:, 0])  # (b, d_in_proj)
         z, xBC, dt = torch.split(zxbcdt, [self.d_inner, self.conv_dim, self.nheads], dim=-1)
 
@@ -381,14 +416,14 @@ class Mamba2Mixer(nn.Module):
         xBC = F.silu(xBC).to(u.dtype)
         x, B, C = torch.split(xBC, [self.d_inner, self.d_state, self.d_state], dim=-1)
 
-        A = -torch.exp(self.A_log.float())  # (h,)
-        dt = F.softplus(dt.float() + self.dt_bias.float())  # (b, h)
-        x = rearrange(x, "b (h p) -> b h p", p=self.headdim).float()  # (b, h, p)
+        A = -torch.exp(self.A_log.to(cdt))  # (h,)
+        dt = F.softplus(dt.to(cdt) + self.dt_bias.to(cdt))  # (b, h)
+        x = rearrange(x, "b (h p) -> b h p", p=self.headdim).to(cdt)  # (b, h, p)
         dx = dt[..., None] * x  # (b, h, p)
         decay = torch.exp(dt * A)[..., None, None]  # (b, h, 1, 1)
-        ssm_state = ssm_state * decay + dx[..., None] * B.float()[:, None, None, :]  # (b, h, p, n)
-        y = (ssm_state @ C.float()[:, None, :, None])[..., 0]  # (b, h, p)
-        y = y + self.D.float()[:, None] * x
+        ssm_state = ssm_state * decay + dx[..., None] * B.to(cdt)[:, None, None, :]  # (b,h,p,n)
+        y = (ssm_state @ C.to(cdt)[:, None, :, None])[..., 0]  # (b, h, p)
+        y = y + self.D.to(cdt)[:, None] * x
         y = rearrange(y, "b h p -> b (h p)").to(u.dtype)  # (b, d_inner)
         out = self.out_proj(self.norm(y, z))  # (b, D)
         return out[:, None], (conv_state, ssm_state)
@@ -405,6 +440,10 @@ class Mamba2Layer(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return x + self.dropout(self.mixer(self.norm(x)))
+
+    def prefill(self, x: torch.Tensor) -> tuple[torch.Tensor, LayerState]:
+        out, state = self.mixer.prefill(self.norm(x))
+        return x + self.dropout(out), state
 
     def step(self, x: torch.Tensor, state: LayerState) -> tuple[torch.Tensor, LayerState]:
         out, state = self.mixer.step(self.norm(x), state)
@@ -459,8 +498,19 @@ class Mamba2Stage(nn.Module):
         self, batch_size: int, device: torch.device | str | None, dtype: torch.dtype
     ) -> list[LayerState]:
         """Zero caches for :meth:`step`, one (conv, ssm) pair per layer: conv state
-        (b, conv_dim, d_conv) in ``dtype``, SSM state (b, nheads, headdim, d_state) in float32."""
+        (b, conv_dim, d_conv) in ``dtype``, SSM state (b, nheads, headdim, d_state) in float32
+        (float64 for a float64 model)."""
         return [layer.mixer.init_state(batch_size, device, dtype) for layer in self._layers()]
+
+    def prefill(self, x: torch.Tensor, max_len: int = 0) -> tuple[torch.Tensor, list[LayerState]]:
+        """:meth:`forward` over x (N, S, D), also returning the caches after the last
+        position, which :meth:`step` continues from (the same as stepping through x from
+        :meth:`init_state`). ``max_len`` is unused: the state has a fixed size."""
+        states = []
+        for layer in self._layers():
+            x, state = layer.prefill(x)
+            states.append(state)
+        return self.norm_f(x), states
 
     def step(
         self, x: torch.Tensor, state: list[LayerState]

@@ -17,7 +17,7 @@ local start token of the first patch alone.
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable
+from collections.abc import Sequence
 from typing import Any, Literal, overload
 
 import torch
@@ -27,8 +27,11 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from mblm.model.config import MBLMModelConfig, MBLMReturnType
+from mblm.model.decode import Sampler, decode, gumbel_noise
 from mblm.model.layers import InterleavedRoPE
 from mblm.utils.stream import ByteStreamer
+
+__all__ = ["MBLM", "PatchEmbedding", "gumbel_noise"]
 
 
 class PatchEmbedding(nn.Module):
@@ -145,14 +148,24 @@ class MBLM(nn.Module):
         embs = []
         for k in range(self.num_stages):
             stage_ids = ids.flatten(k + 2) if k < self.num_stages - 1 else ids  # (B, .., Pk, R)
-            x = self.token_embs[k](stage_ids)  # (B, P1', ..., Pk, Dk)
-            pos = self.pos_embs[k]
-            if isinstance(pos, nn.Embedding):
-                x = x + pos.weight[: x.shape[-2]]
-            elif isinstance(pos, InterleavedRoPE):
-                x = pos(x)
-            embs.append(x)
+            positions = torch.arange(stage_ids.shape[k + 1], device=ids.device)  # (Pk,)
+            embs.append(self._embed_stage(k, stage_ids, positions))  # (B, P1', ..., Pk, Dk)
         return embs
+
+    def _embed_stage(self, k: int, ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        """Stage k's token embedding plus its positional embedding.
+
+        ids: (..., S, Rk) patches of bytes for a global stage, (..., S) bytes for the local
+        one; positions: the positions of the S tokens in their sequence, broadcastable to
+        (..., S). Returns (..., S, Dk).
+        """
+        x = self.token_embs[k](ids)  # (..., S, Dk)
+        pos = self.pos_embs[k]
+        if isinstance(pos, nn.Embedding):
+            x = x + pos.weight[positions]
+        elif isinstance(pos, InterleavedRoPE):
+            x = pos(x, positions=positions)
+        return x
 
     def _run_stage(self, k: int, x: torch.Tensor) -> torch.Tensor:
         stage, chunks = self.stages[k], self.checkpoint_chunks[k]
@@ -287,76 +300,150 @@ class MBLM(nn.Module):
     @torch.inference_mode()
     def generate(
         self,
-        prime: torch.Tensor | None = None,
-        stream: ByteStreamer | None = None,
+        prime: torch.Tensor | Sequence[torch.Tensor] | None = None,
+        stream: ByteStreamer | Sequence[ByteStreamer | None] | None = None,
         num_tokens_to_generate: int | None = None,
         end_of_gen_token_id: int = -1,
         temperature: float = 1.0,
-        filter_thres: float = 1.0,
+        filter_thres: float | None = None,
         enable_progress: bool = True,
-    ) -> torch.Tensor:
-        """Sample bytes autoregressively; returns the prime followed by the generated ids.
+        *,
+        top_k: int | None = None,
+        top_p: float | None = None,
+        use_cache: bool = True,
+        generator: torch.Generator | None = None,
+        seed: int | None = None,
+    ) -> Any:
+        """Sample bytes autoregressively; returns each prompt followed by its generated ids.
+
+        Greedy by default (the seed's ``filter_thres=1.0``). Cached decoding runs the local
+        stage once per byte and a global stage once per completed patch
+        (:mod:`mblm.model.decode`); ``use_cache=False`` reruns the whole model for every
+        byte. Both give the same output for the same random draws. Call ``model.eval()``
+        first if the model has dropout.
 
         Args:
-            prime: prompt ids, (L,) (or (1, L)); None starts from nothing.
-            stream: receives every generated id as it is sampled.
-            num_tokens_to_generate: how many ids to sample; None fills the context.
-            end_of_gen_token_id: stop after sampling this id.
-            temperature: divides the logits before Gumbel sampling (> 0).
-            filter_thres: keep the top ``max(int((1 - filter_thres) * V), 1)`` logits;
-                1.0 keeps one, which is greedy decoding.
+            prime: the prompt. A 1-D tensor (L,) -> returns (L + N,); a 2-D tensor (B, L),
+                one prompt per row -> returns (B, L + N), rows that stopped early padded
+                with ``pad_token_id`` after their end token; a list of 1-D tensors of any
+                lengths -> returns a list of 1-D tensors (each prompt and its new ids).
+                None: an empty prompt, returns (N,).
+            stream: a ByteStreamer receiving every generated id as it is sampled (one
+                prompt only), or one ByteStreamer (or None) per prompt.
+            num_tokens_to_generate: how many ids to sample per prompt; None fills each
+                prompt's remaining context. A prompt plus this beyond the model's context
+                (``prod(seq_lens)``) is a ValueError.
+            end_of_gen_token_id: a row stops after sampling this id.
+            temperature: divides the logits before sampling (> 0).
+            filter_thres: the seed's top-k: keep the ``max(int((1 - filter_thres) * V), 1)``
+                largest logits; 1.0 keeps one (greedy). None means 1.0 unless ``top_k`` or
+                ``top_p`` is given, then no top-k filter beyond ``top_k``.
             enable_progress: show a progress bar when not streaming.
+            top_k: keep the ``top_k`` largest logits (replaces ``filter_thres``).
+            top_p: nucleus sampling: keep the most likely ids until their probability
+                (after top-k and temperature) reaches ``top_p`` (in (0, 1]).
+            use_cache: cached incremental decoding (default) or full recomputation.
+            generator: the torch.Generator of the sampling noise (default: torch's global
+                RNG on the model's device).
+            seed: a seed for a fresh CPU generator instead of ``generator``: the same seed
+                gives the same output on any device, with or without the cache.
         """
         device = next(self.parameters()).device
-        if prime is None:
-            prime = torch.empty(0, dtype=torch.long, device=device)
-        squeeze = prime.ndim == 1
-        seq = prime.reshape(1, -1) if squeeze else prime
-        if seq.ndim != 2 or seq.shape[0] != 1:
-            raise ValueError(f"prime must have shape (L,) or (1, L), got {tuple(prime.shape)}")
-        seq = seq.to(device)
-        self._check_ids(seq)
+        prompts, shape = self._generation_prompts(prime, device)
+        for p in prompts:
+            self._check_ids(p[None])
         if temperature <= 0:
             raise ValueError(f"temperature must be > 0, got {temperature}")
-        if not 0.0 <= filter_thres <= 1.0:
-            raise ValueError(f"filter_thres must be in [0, 1], got {filter_thres}")
-        room = self.max_seq_len - seq.shape[1]
-        total = room if num_tokens_to_generate is None else num_tokens_to_generate
-        if total < 0 or total > room:
-            raise ValueError(
-                f"cannot generate {total} bytes after a {seq.shape[1]}-byte prompt: the model's "
-                f"context is {self.max_seq_len} bytes"
+        k = self._top_k(filter_thres, top_k, top_p)
+        if top_p is not None and not 0.0 < top_p <= 1.0:
+            raise ValueError(f"top_p must be in (0, 1], got {top_p}")
+        if seed is not None:
+            if generator is not None:
+                raise ValueError("give a generator or a seed, not both")
+            generator = torch.Generator().manual_seed(seed)
+        budgets = []
+        for p in prompts:
+            room = self.max_seq_len - len(p)
+            total = room if num_tokens_to_generate is None else num_tokens_to_generate
+            if total < 0 or total > room:
+                raise ValueError(
+                    f"cannot generate {total} bytes after a {len(p)}-byte prompt: the model's "
+                    f"context is {self.max_seq_len} bytes (seq_lens={self.seq_lens})"
+                )
+            budgets.append(total)
+        streams = self._generation_streams(stream, len(prompts))
+        try:
+            new = decode(
+                self,
+                prompts,
+                budgets,
+                Sampler(temperature=temperature, top_k=k, top_p=top_p, generator=generator),
+                use_cache=use_cache,
+                streams=streams,
+                end_of_gen_token_id=end_of_gen_token_id,
+                progress=enable_progress and streams is None,
             )
-        steps: Iterable[int] = range(total)
-        if enable_progress and stream is None:
-            steps = _progress(steps)
-        k = max(int((1 - filter_thres) * self.num_tokens), 1)
-        for _ in steps:
-            logits = self.forward(seq, return_type=MBLMReturnType.LOGITS)[:, -1].float()  # (1, V)
-            top, idx = logits.topk(k, dim=-1)
-            pick = (top / temperature + gumbel_noise(top)).argmax(-1, keepdim=True)
-            sampled = idx.gather(-1, pick)  # (1, 1)
-            seq = torch.cat((seq, sampled), dim=1)
-            token = int(sampled)
-            if stream is not None:
-                stream.write(token)
-            if token == end_of_gen_token_id:
-                break
-        if stream is not None:
-            stream.flush()
-        return seq[0] if squeeze else seq
+        finally:
+            for s in streams or []:
+                if s is not None:
+                    s.flush()
+        rows = [
+            torch.cat((p, p.new_tensor(ids, dtype=torch.long)))
+            for p, ids in zip(prompts, new, strict=True)
+        ]
+        if shape == "list":
+            return rows
+        if shape == "1d":
+            return rows[0]
+        width = max(len(r) for r in rows)
+        return torch.stack([F.pad(r, (0, width - len(r)), value=self.pad_token_id) for r in rows])
 
+    def _top_k(self, filter_thres: float | None, top_k: int | None, top_p: float | None) -> int:
+        if filter_thres is not None and not 0.0 <= filter_thres <= 1.0:
+            raise ValueError(f"filter_thres must be in [0, 1], got {filter_thres}")
+        if top_k is not None:
+            if top_k < 1:
+                raise ValueError(f"top_k must be >= 1, got {top_k}")
+            return min(top_k, self.num_tokens)
+        if filter_thres is None:
+            filter_thres = 0.0 if top_p is not None else 1.0
+        return max(int((1 - filter_thres) * self.num_tokens), 1)
 
-def gumbel_noise(like: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
-    """Standard Gumbel noise: argmax(logits / T + noise) samples softmax(logits / T)."""
-    u = torch.rand(like.shape, generator=generator, device=like.device)
-    neg_log_u = torch.log(u.clamp(min=1e-20)).neg()  # in (0, 46]
-    return torch.log(neg_log_u.clamp(min=1e-20)).neg()
+    @staticmethod
+    def _generation_prompts(
+        prime: torch.Tensor | Sequence[torch.Tensor] | None, device: torch.device
+    ) -> tuple[list[torch.Tensor], str]:
+        """The prompts as 1-D long tensors on ``device``, and the output shape to return."""
+        if prime is None:
+            return [torch.empty(0, dtype=torch.long, device=device)], "1d"
+        if isinstance(prime, torch.Tensor):
+            if prime.ndim == 1:
+                return [prime.to(device)], "1d"
+            if prime.ndim == 2:
+                return list(prime.to(device).unbind(0)), "2d"
+            raise ValueError(f"prime must have shape (L,) or (B, L), got {tuple(prime.shape)}")
+        prompts = list(prime)
+        if not prompts:
+            raise ValueError("prime is an empty list: give at least one prompt")
+        for i, p in enumerate(prompts):
+            if not isinstance(p, torch.Tensor) or p.ndim != 1:
+                what = tuple(p.shape) if isinstance(p, torch.Tensor) else type(p).__name__
+                raise ValueError(f"prime[{i}] must be a 1-D tensor, got {what}")
+        return [p.to(device) for p in prompts], "list"
 
-
-def _progress(steps: Iterable[int]) -> Iterable[int]:
-    try:
-        from tqdm import tqdm
-    except ImportError:
-        return steps
-    return tqdm(steps, leave=False)  # type: ignore[return-value]
+    @staticmethod
+    def _generation_streams(
+        stream: ByteStreamer | Sequence[ByteStreamer | None] | None, batch: int
+    ) -> list[ByteStreamer | None] | None:
+        if stream is None:
+            return None
+        if isinstance(stream, ByteStreamer):
+            if batch != 1:
+                raise ValueError(
+                    f"one ByteStreamer for {batch} prompts: give a list of {batch} streamers"
+                )
+            return [stream]
+        streams = list(stream)
+        if len(streams) != batch:
+            raise ValueError(f"{len(streams)} streamers for {batch} prompts")
+        return streams

@@ -4,11 +4,16 @@ Each layer is pre-norm attention then pre-norm feed-forward, both reading a toke
 copy of the residual stream; rotary embeddings on queries and keys (optional); a final
 RMSNorm. Attention runs through ``F.scaled_dot_product_attention`` so PyTorch dispatches to
 flash / memory-efficient kernels wherever the device has them.
+
+Cached decoding (``TransformerDecoder.prefill`` / ``step``, used by ``mblm.model.decode``)
+keeps per layer the keys and values of every position so far in a buffer of the stage's
+maximum length, and the residual stream of the previous position before attention and
+before the feed-forward (what the token shift reads). Rows may be at different positions.
 """
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Literal, cast
 
 import torch
 import torch.nn.functional as F
@@ -17,7 +22,15 @@ from pydantic import Field
 from torch import nn
 
 from mblm.model.block import StageBlock
-from mblm.model.layers import RMSNorm, rotary_angles, rotate_half, token_shift
+from mblm.model.layers import RMSNorm, rotary_angles, rotate_half, shift_after, token_shift
+
+#: cos and sin of the rotary angles: (s, e) over a sequence, (n, 1, 1, e) one per row
+Rotary = tuple[torch.Tensor, torch.Tensor]
+#: one layer's decoding cache: key and value buffers (n, h, max_len, e), and the residual
+#: stream at the previous position before attention and before the feed-forward (n, D)
+LayerCache = tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]
+#: a Transformer stage's decoding state: positions filled per row (n,), the layers' caches
+DecoderCache = tuple[torch.Tensor, list[LayerCache]]
 
 
 class TransformerBlock(StageBlock):
@@ -108,19 +121,58 @@ class CausalSelfAttention(nn.Module):
         self.qkv = nn.Linear(dim, 3 * self.inner, bias=False)
         self.out = nn.Linear(self.inner, dim, bias=False)
 
-    def forward(self, x: torch.Tensor, rotary: tuple[torch.Tensor, torch.Tensor] | None):
+    def project(
+        self, x: torch.Tensor, rotary: Rotary | None
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Queries, keys and values, rotated: (n, s, D) -> 3 x (n, h, s, e)."""
         qkv = self.qkv(self.norm(x))  # (n, s, 3 * h * e)
         q, k, v = rearrange(qkv, "n s (t h e) -> t n h s e", t=3, h=self.num_heads)
         if rotary is not None:
-            cos, sin = rotary  # (s, e)
+            cos, sin = rotary  # (s, e), or (n, 1, 1, e) when decoding
             q = q * cos + rotate_half(q) * sin
             k = k * cos + rotate_half(k) * sin
+        return q, k, v
+
+    def forward(self, x: torch.Tensor, rotary: Rotary | None) -> torch.Tensor:
+        q, k, v = self.project(x, rotary)
         dropout = self.dropout if self.training else 0.0
         if q.device.type == "cpu" and q.shape[-2] <= 64 and torch.compiler.is_compiling():
             # explicit form: Inductor fuses it, and beats the CPU SDPA kernel on short sequences
             y = explicit_causal_attention(q, k, v, dropout)
         else:
             y = F.scaled_dot_product_attention(q, k, v, is_causal=True, dropout_p=dropout)
+        return self.out(rearrange(y, "n h s e -> n s (h e)"))
+
+    def prefill(
+        self, x: torch.Tensor, rotary: Rotary | None, max_len: int
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Attention over x (n, s, D), also returning key and value buffers (n, h, max_len, e)
+        holding the s positions."""
+        q, k, v = self.project(x, rotary)
+        y = F.scaled_dot_product_attention(q, k, v, is_causal=True)  # (n, h, s, e)
+        k_buf = k.new_zeros(*k.shape[:2], max_len, k.shape[-1])  # (n, h, max_len, e)
+        v_buf = torch.zeros_like(k_buf)
+        k_buf[:, :, : k.shape[2]] = k
+        v_buf[:, :, : v.shape[2]] = v
+        return self.out(rearrange(y, "n h s e -> n s (h e)")), k_buf, v_buf
+
+    def step(
+        self,
+        x: torch.Tensor,
+        rotary: Rotary | None,
+        k_buf: torch.Tensor,
+        v_buf: torch.Tensor,
+        pos: torch.Tensor,
+        seen: torch.Tensor,
+    ) -> torch.Tensor:
+        """One position per row: x (n, 1, D) at positions ``pos`` (n,). Writes its key and
+        value into the buffers (in place) and attends to the positions ``seen`` (n, 1, 1,
+        max_len) marks."""
+        q, k, v = self.project(x, rotary)  # (n, h, 1, e)
+        rows = torch.arange(x.shape[0], device=x.device)
+        k_buf[rows, :, pos] = k[:, :, 0]
+        v_buf[rows, :, pos] = v[:, :, 0]
+        y = F.scaled_dot_product_attention(q, k_buf, v_buf, attn_mask=seen)  # (n, h, 1, e)
         return self.out(rearrange(y, "n h s e -> n s (h e)"))
 
 
@@ -150,12 +202,31 @@ class DecoderLayer(nn.Module):
         self.attn = CausalSelfAttention(dim, head_dim, num_heads, attn_dropout)
         self.ff = FeedForward(dim, ff_mult, ff_dropout)
 
-    def forward(
-        self, x: torch.Tensor, rotary: tuple[torch.Tensor, torch.Tensor] | None
-    ) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, rotary: Rotary | None) -> torch.Tensor:
         # both branches read a token-shifted copy; the residual stream itself is not shifted
         x = x + self.attn(token_shift(x), rotary)
         return x + self.ff(token_shift(x))
+
+    def prefill(
+        self, x: torch.Tensor, rotary: Rotary | None, max_len: int
+    ) -> tuple[torch.Tensor, LayerCache]:
+        attn, k_buf, v_buf = self.attn.prefill(token_shift(x), rotary, max_len)
+        h = x + attn
+        out = h + self.ff(token_shift(h))
+        return out, (k_buf, v_buf, x[:, -1], h[:, -1])
+
+    def step(
+        self,
+        x: torch.Tensor,
+        rotary: Rotary | None,
+        pos: torch.Tensor,
+        seen: torch.Tensor,
+        cache: LayerCache,
+    ) -> tuple[torch.Tensor, LayerCache]:
+        k_buf, v_buf, prev_x, prev_h = cache
+        h = x + self.attn.step(shift_after(x, prev_x), rotary, k_buf, v_buf, pos, seen)
+        out = h + self.ff(shift_after(h, prev_h))
+        return out, (k_buf, v_buf, x[:, 0], h[:, 0])
 
 
 class TransformerDecoder(nn.Module):
@@ -182,11 +253,44 @@ class TransformerDecoder(nn.Module):
         )
         self.norm = RMSNorm(model_dim)
 
+    def _rotary(self, x: torch.Tensor, positions: torch.Tensor | None = None) -> Rotary | None:
+        """cos and sin for positions 0..s-1 (s, e), or per row (n, 1, 1, e) at ``positions``."""
+        if not self.use_rotary:
+            return None
+        angles = rotary_angles(x.shape[-2], self.head_dim, x.device, positions=positions)
+        if positions is not None:
+            angles = angles[:, None, None]  # (n, 1, 1, e): broadcasts over heads
+        return angles.cos().to(x.dtype), angles.sin().to(x.dtype)
+
+    def _layers(self) -> list[DecoderLayer]:
+        return [cast(DecoderLayer, layer) for layer in self.layers]
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        rotary = None
-        if self.use_rotary:
-            angles = rotary_angles(x.shape[-2], self.head_dim, x.device)  # (s, e)
-            rotary = (angles.cos().to(x.dtype), angles.sin().to(x.dtype))
+        rotary = self._rotary(x)
         for layer in self.layers:
             x = layer(x, rotary)
         return self.norm(x)
+
+    def prefill(self, x: torch.Tensor, max_len: int) -> tuple[torch.Tensor, DecoderCache]:
+        """Forward over x (n, s, D) (s <= max_len), returning the cache for :meth:`step`."""
+        rotary = self._rotary(x)
+        caches = []
+        for layer in self._layers():
+            x, cache = layer.prefill(x, rotary, max_len)
+            caches.append(cache)
+        pos = torch.full((x.shape[0],), x.shape[1], dtype=torch.long, device=x.device)
+        return self.norm(x), (pos, caches)
+
+    def step(self, x: torch.Tensor, state: DecoderCache) -> tuple[torch.Tensor, DecoderCache]:
+        """One new position per row: x (n, 1, D) -> (n, 1, D). The key/value buffers are
+        updated in place; the returned state holds them and the advanced positions."""
+        pos, caches = state
+        rotary = self._rotary(x, positions=pos)
+        max_len = caches[0][0].shape[2]
+        seen = torch.arange(max_len, device=x.device) <= pos[:, None]  # (n, max_len)
+        seen = seen[:, None, None]  # (n, 1, 1, max_len)
+        new_caches = []
+        for layer, cache in zip(self._layers(), caches, strict=True):
+            x, cache = layer.step(x, rotary, pos, seen, cache)
+            new_caches.append(cache)
+        return self.norm(x), (pos + 1, new_caches)

@@ -77,6 +77,21 @@ def start_run(cfg: TrainEntryConfig, tags: dict[str, str]) -> tuple[str, str]:
     return uri, run.info.run_id
 
 
+def reopen_run(uri: str, run_id: str) -> bool:
+    """Mark an earlier run RUNNING again (a resumed training run); False if it is gone."""
+    from mlflow.exceptions import MlflowException
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(uri)
+    try:
+        if client.get_run(run_id).info.lifecycle_stage == "deleted":
+            return False
+    except MlflowException:
+        return False
+    client.update_run(run_id, status="RUNNING")
+    return True
+
+
 def end_run(uri: str, run_id: str, status: str) -> None:
     from mlflow.tracking import MlflowClient
 

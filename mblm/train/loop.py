@@ -109,9 +109,11 @@ def train_loop_per_worker(payload: dict[str, Any]) -> None:
     accum = cfg.train.gradient_accumulate_every
     klass = payload.get("dataset_class")
     train_batches = batches_for(cfg, plan, ModelMode.TRAIN, skip=step * accum, dataset_class=klass)
-    t_start, bytes_seen = time.perf_counter(), 0
+    t_start, bytes_this_call = time.perf_counter(), 0
     start_step = step
-    while step < plan.total_steps:
+    # stop here (with a checkpoint) when asked to; running again resumes
+    last = min(plan.total_steps, payload.get("stop_after_steps") or plan.total_steps)
+    while step < last:
         loss_sum = torch.zeros((), device=device)  # stays on the device: no sync per step
         for micro in range(accum):
             ids, mask = next(train_batches)
@@ -123,7 +125,7 @@ def train_loop_per_worker(payload: dict[str, Any]) -> None:
             with sync:
                 loss.backward()
             loss_sum += loss.detach()
-            bytes_seen += ids.numel() * plan.world_size
+            bytes_this_call += ids.numel() * plan.world_size
         clip = cfg.train.gradient_clipping or float("inf")
         grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), clip)
         opt.step()
@@ -132,14 +134,16 @@ def train_loop_per_worker(payload: dict[str, Any]) -> None:
         step += 1
 
         metrics: dict[str, float] = {}
+        checkpoint_now = step in plan.valid_steps or step == last
+        elapsed = time.perf_counter() - t_start
+        rate = bytes_this_call / max(elapsed, 1e-9)
+        if step in plan.log_steps or checkpoint_now:
+            metrics.update(bytes_seen=float(step * plan.bytes_per_step), bytes_per_second=rate)
         if step in plan.log_steps:
             train_loss = float(loss_sum)
-            elapsed = time.perf_counter() - t_start
-            rate = bytes_seen / max(elapsed, 1e-9)
             metrics.update(
                 train_loss=train_loss,
                 train_bpb=train_loss / LN2,
-                bytes_per_second=rate,
                 lr=float(sched.get_last_lr()[0]),
                 grad_norm=float(grad_norm),
             )
@@ -151,7 +155,7 @@ def train_loop_per_worker(payload: dict[str, Any]) -> None:
                     f"{left:,.0f} s left",
                     flush=True,
                 )
-        if step in plan.valid_steps:
+        if checkpoint_now:
             valid_batches = batches_for(cfg, plan, ModelMode.VALID, dataset_class=klass)
             valid = evaluate(ddp, valid_batches, plan.eval_batches, device, amp)
             metrics.update(valid_loss=valid, valid_bpb=valid / LN2)
@@ -159,9 +163,13 @@ def train_loop_per_worker(payload: dict[str, Any]) -> None:
                 print(f"[mblm] step {step}: valid {valid / LN2:.4f} bits/byte", flush=True)
         if tracker is not None and metrics:
             tracker.log_metrics(metrics, step)
-        if step in plan.valid_steps:
-            _report(step, metrics, rank, model, opt, sched)
+        if checkpoint_now:
+            _report(step, plan.total_steps, metrics, rank, model, opt, sched)
 
+    if step < plan.total_steps:
+        if rank == 0:
+            print(f"[mblm] stopping after step {step}/{plan.total_steps} as asked", flush=True)
+        return
     if plan.test_batches:
         test_batches = batches_for(cfg, plan, ModelMode.TEST, dataset_class=klass)
         test = evaluate(ddp, test_batches, plan.test_batches, device, amp)
@@ -178,6 +186,7 @@ def _no_sync(ddp: torch.nn.Module) -> contextlib.AbstractContextManager[Any]:
 
 def _report(
     step: int,
+    total_steps: int,
     metrics: dict[str, float],
     rank: int,
     model: MBLM,
@@ -187,7 +196,7 @@ def _report(
     """Every rank reports; rank 0 attaches the checkpoint (written atomically first)."""
     import ray.train
 
-    report = {"step": step, **metrics}
+    report = {"step": step, "total_steps": total_steps, **metrics}
     if rank != 0:
         ray.train.report(report)  # [ray]
         return

@@ -21,6 +21,7 @@ class RunPlan(BaseModel):
     eval_batch_size: int
     eval_batches: int  # validation batches per worker per validation
     test_batches: int  # test batches per worker at the end (0: no test split)
+    bytes_per_step: int  # bytes trained on per optimizer step, over all workers
     seed: int = 0
 
 
@@ -63,5 +64,9 @@ def make_plan(
         eval_batch_size=eval_bs,
         eval_batches=eval_batches,
         test_batches=test_bs_batches,
+        bytes_per_step=t.batch_size
+        * t.gradient_accumulate_every
+        * world
+        * cfg.params.input_seq_len,
         seed=seed,
     )

@@ -3,7 +3,8 @@
 Builds reference models for a set of cases, runs them on fixed inputs and saves, per case,
 ``{case}.pth`` (``{"MODEL": state_dict, "LOSS": ...}`` as the reference trainer writes),
 ``{case}.yaml`` (a config with a ``params`` section, as the reference trainer dumps) and
-``{case}.io.pt`` (inputs and outputs). Usage: ref_export.py OUT_DIR
+``{case}.io.pt`` (inputs and outputs, and seeded ``generate`` outputs). Usage: ref_export.py
+OUT_DIR
 """
 
 import sys
@@ -92,6 +93,13 @@ def main(out: Path) -> None:
                         "loss_masked": model(ids, return_type=MBLMReturnType.LOSS, loss_mask=mask),
                     }
                 )
+        # sampling: the same global seed must give the same bytes on our side
+        io["generate"] = []
+        for kwargs in ({}, {"filter_thres": 0.5, "temperature": 0.9}, {"filter_thres": 0.0}):
+            prime = torch.randint(0, 256, (3,))
+            torch.manual_seed(5)
+            ids = model.generate(prime, num_tokens_to_generate=20, enable_progress=False, **kwargs)
+            io["generate"].append({"prime": prime, "kwargs": kwargs, "seed": 5, "out": ids})
         torch.save({"MODEL": model.state_dict(), "LOSS": 0.0}, out / f"{name}.pth")
         params = {**cfg.model_dump(mode="json"), "input_seq_len": max_len}
         (out / f"{name}.yaml").write_text(yaml.safe_dump({"params": params}))

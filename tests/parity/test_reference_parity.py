@@ -67,6 +67,28 @@ def test_logits_and_losses_match_the_reference(exported, case):
 
 
 @pytest.mark.slow
+@pytest.mark.parametrize("case", CASES)
+def test_generation_draws_the_same_bytes_as_the_reference(exported, case):
+    """Same weights, same ``torch.manual_seed``: greedy and sampled bytes are the
+    reference's, with our cache and without it."""
+    model = convert_reference_checkpoint(exported / f"{case}.pth", exported / f"{case}.yaml")
+    model.eval()
+    io = torch.load(exported / f"{case}.io.pt", weights_only=True)
+    assert len(io["generate"]) == 3
+    for g in io["generate"]:
+        for use_cache in (True, False):
+            torch.manual_seed(g["seed"])
+            out = model.generate(
+                g["prime"],
+                num_tokens_to_generate=20,
+                enable_progress=False,
+                use_cache=use_cache,
+                **g["kwargs"],
+            )
+            assert torch.equal(out, g["out"]), (g["kwargs"], use_cache)
+
+
+@pytest.mark.slow
 def test_cases_cover_the_stage_blocks(exported):
     blocks = {
         case: [

@@ -56,6 +56,50 @@ def test_two_workers_train_the_debug_config(tmp_path, local_ray):
     assert model.hidden_dims == [32, 16]
 
 
+@pytest.mark.slow
+def test_stop_and_resume_ends_like_an_uninterrupted_run(tmp_path, local_ray):
+    """Stopped after step 6 of 16 and started again: same MLflow run, same final losses."""
+    from mlflow.tracking import MlflowClient
+
+    def config(out):
+        return load_train_config(DEBUG, [f"io.output_dir={out}", "io.log_train_loss_amount=8"])
+
+    whole = train_mblm(config(tmp_path / "whole"))
+    first = train_mblm(config(tmp_path / "parts"), stop_after_steps=6)
+    assert first.stopped_early and first.step == 6 and first.total_steps == 16
+    client = MlflowClient(first.tracking_uri)
+    run = client.get_run(first.run_id)
+    assert run.info.status == "KILLED" and run.data.tags["mblm.stopped_at_step"] == "6"
+    assert not client.get_metric_history(first.run_id, "test_loss")  # not run to the end
+
+    second = train_mblm(config(tmp_path / "parts"))
+    assert second.run_id == first.run_id and not second.stopped_early
+    assert client.get_run(second.run_id).info.status == "FINISHED"
+
+    def history(result, name):
+        rows = MlflowClient(result.tracking_uri).get_metric_history(result.run_id, name)
+        return {m.step: m.value for m in rows}
+
+    whole_train, parts_train = history(whole, "train_loss"), history(second, "train_loss")
+    assert sorted(parts_train) == sorted(whole_train) == [2, 4, 6, 8, 10, 12, 14, 16]
+    for step in whole_train:  # before the stop, and after the resume at step 6
+        assert parts_train[step] == pytest.approx(whole_train[step], rel=1e-6), step
+    assert history(second, "valid_loss")[16] == pytest.approx(
+        history(whole, "valid_loss")[16], rel=1e-6
+    )
+    assert history(second, "test_loss")[16] == pytest.approx(
+        history(whole, "test_loss")[16], rel=1e-6
+    )
+    assert history(second, "valid_loss").keys() == {6, 8, 16}  # + the stop's checkpoint
+
+    # a changed model cannot resume from that folder: a clear error, before Ray or MLflow
+    changed = load_train_config(
+        DEBUG, [f"io.output_dir={tmp_path / 'parts'}", "params.hidden_dims=[48, 16]"]
+    )
+    with pytest.raises(ValueError, match=r"params\.hidden_dims: \[32, 16\] then, \[48, 16\] now"):
+        train_mblm(changed)
+
+
 @pytest.mark.parametrize(
     ("overrides", "message"),
     [
