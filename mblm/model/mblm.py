@@ -346,7 +346,8 @@ class MBLM(nn.Module):
             generator: the torch.Generator of the sampling noise (default: torch's global
                 RNG on the model's device).
             seed: a seed for a fresh CPU generator instead of ``generator``: the same seed
-                gives the same output on any device, with or without the cache.
+                draws the same noise on any device, and gives the same output with or
+                without the cache.
         """
         device = next(self.parameters()).device
         prompts, shape = self._generation_prompts(prime, device)

@@ -6,6 +6,7 @@ in it; a sweep (its name or its parent run id) gives its trials.
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -166,5 +167,8 @@ def compare(tracking_uri: str, target: str, out: Path) -> tuple[str, list[RunRow
     rows = rows_for(client, runs)
     png = plot_runs(client, runs, out, title=what)
     if png is not None and parent is not None:
-        client.log_artifact(parent, str(png))
+        try:  # a copy on the sweep's parent run; reading must work without write access
+            client.log_artifact(parent, str(png))
+        except Exception as err:
+            warnings.warn(f"could not log the plot to run {parent}: {err}", stacklevel=2)
     return what, rows, png

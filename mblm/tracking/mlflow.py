@@ -89,6 +89,8 @@ def reopen_run(uri: str, run_id: str) -> bool:
     except MlflowException:
         return False
     client.update_run(run_id, status="RUNNING")
+    if "mblm.stopped_at_step" in client.get_run(run_id).data.tags:
+        client.delete_tag(run_id, "mblm.stopped_at_step")
     return True
 
 

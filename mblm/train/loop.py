@@ -7,6 +7,7 @@ checkpoints; every rank calls ``ray.train.report`` the same number of times.
 
 from __future__ import annotations
 
+import bisect
 import contextlib
 import math
 import tempfile
@@ -164,7 +165,8 @@ def train_loop_per_worker(payload: dict[str, Any]) -> None:
         if tracker is not None and metrics:
             tracker.log_metrics(metrics, step)
         if checkpoint_now:
-            _report(step, plan.total_steps, metrics, rank, model, opt, sched)
+            validation = bisect.bisect_right(plan.valid_steps, step)  # validations so far
+            _report(step, plan.total_steps, validation, metrics, rank, model, opt, sched)
 
     if step < plan.total_steps:
         if rank == 0:
@@ -187,6 +189,7 @@ def _no_sync(ddp: torch.nn.Module) -> contextlib.AbstractContextManager[Any]:
 def _report(
     step: int,
     total_steps: int,
+    validation: int,
     metrics: dict[str, float],
     rank: int,
     model: MBLM,
@@ -196,7 +199,7 @@ def _report(
     """Every rank reports; rank 0 attaches the checkpoint (written atomically first)."""
     import ray.train
 
-    report = {"step": step, "total_steps": total_steps, **metrics}
+    report = {"step": step, "total_steps": total_steps, "validation": validation, **metrics}
     if rank != 0:
         ray.train.report(report)  # [ray]
         return

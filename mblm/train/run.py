@@ -264,6 +264,9 @@ def train_mblm(
             end_run(uri, run_id, "KILLED")
         else:
             end_run(uri, run_id, "FINISHED")
+    except KeyboardInterrupt:
+        end_run(uri, run_id, "KILLED")  # interrupted, not broken: running again resumes
+        raise
     except BaseException:
         end_run(uri, run_id, "FAILED")
         raise

@@ -198,7 +198,13 @@ def load_sweep_config(path: str | Path, overrides: list[str] | None = None) -> S
     # `mblm train --set`); anything else to the sweep itself
     training = tuple(f"{name}." for name in TrainEntryConfig.model_fields)
     to_base = [o for o in overrides or [] if o.strip().startswith(training)]
-    data = apply_overrides(data, [o for o in overrides or [] if o not in to_base])
+    # space.<section>.<field>=VALUES: the key of a space entry holds a dot itself
+    to_space = [o for o in overrides or [] if o.strip().startswith("space.")]
+    for item in to_space:
+        key, _, raw = item.strip().partition("=")
+        data.setdefault("space", {})[key.removeprefix("space.")] = yaml.safe_load(raw)
+    rest = [o for o in overrides or [] if o not in to_base and o not in to_space]
+    data = apply_overrides(data, rest)
     if to_base:
         data["set"] = [*(data.get("set") or []), *to_base]
     try:

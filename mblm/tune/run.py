@@ -23,6 +23,7 @@ from mblm.tune.config import SweepConfig
 from mblm.tune.space import SpaceReport, apply, architectures, check, load_base, summarize
 
 SWEEP_RECORD = "sweep_run.json"
+CANDIDATES = "architectures.json"
 TRIAL_CPUS = 0.01
 
 
@@ -209,7 +210,8 @@ def _tuner(sweep: SweepConfig, context: dict[str, Any], tune_storage: str, n_arc
         from ray.tune.schedulers import ASHAScheduler
 
         scheduler = ASHAScheduler(
-            time_attr="training_iteration",  # validations so far
+            # validations so far, counted by the training loop: right after a resume too
+            time_attr="validation",
             # beyond the last validation: a trial that gets there ends by itself (test
             # evaluation, MLflow run FINISHED) instead of being stopped at max_t
             max_t=max(context["validations"], sweep.scheduler.grace_period) + 1,
@@ -329,12 +331,22 @@ def tune_mblm(sweep: SweepConfig, address: str | None = None) -> SweepResult:
         ),
         flush=True,
     )
-    # the data must be usable before any trial starts (the same errors as mblm train)
-    first = TrainEntryConfig.model_validate(space.candidates[0].config)
-    _, _, valid_windows, test_windows = _data(first)
-    validations = len(make_plan(first, valid_windows, test_windows).valid_steps)
+    # the data must be usable by every trial before any starts (the errors of mblm train)
+    probe = {"base": base, "folder": folder, "sweep": sweep.name, "worker_cpus": 1.0,
+             "resources": sweep.resources.model_dump(), "trial_storage": None,
+             "tracking_uri": None}  # fmt: skip
+    windows: dict[int, tuple[int, int]] = {}  # (valid, test) windows by window length
+    for cand in space.candidates:
+        trial_cfg = TrainEntryConfig.model_validate(trial_config(probe, "check", cand.overrides))
+        seq = trial_cfg.params.input_seq_len
+        if seq not in windows:
+            windows[seq] = _data(trial_cfg)[2:]
+        make_plan(trial_cfg, *windows[seq])  # too few windows for the trial: an error now
+    # every trial validates at most io.validate_amount times (not sweepable)
+    validations = base_cfg.io.validate_amount
 
-    worker_cpus = _local_worker_cpus(sweep, address)
+    _pin_candidates(space, folder, tune_storage, sweep)
+    worker_cpus = _local_worker_cpus(sweep, address or base_cfg.ray.address)
     res = sweep.resources
     warn_if_data_starves(
         res.max_concurrent_trials * (res.workers_per_trial * worker_cpus + TRIAL_CPUS)
@@ -362,6 +374,12 @@ def tune_mblm(sweep: SweepConfig, address: str | None = None) -> SweepResult:
         tuner = _tuner(sweep, context, tune_storage, len(space.candidates))
         results = _fit_noting_interrupts(tuner)
         rows = _rows(results, context, infos, sweep)
+        if rows and all(r.status == "error" for r in rows):
+            first = str(results.errors[0]).strip().splitlines() if results.errors else []
+            raise ValueError(
+                f"every trial of sweep {sweep.name} failed (the first: "
+                f"{first[-1] if first else 'no error message'}); see the log above"
+            )
         children = _finish_children(client, parent, rows)
         best = _best(rows, sweep)
         best_path = None
@@ -401,6 +419,32 @@ def tune_mblm(sweep: SweepConfig, address: str | None = None) -> SweepResult:
     return SweepResult(parent, uri, rows, space.skipped, best, best_path, folder)
 
 
+def _pin_candidates(space: SpaceReport, folder: str, tune_storage: str, sweep: SweepConfig) -> None:
+    """Trials know their architecture by its index: a resumed sweep must index the same list.
+
+    The list is written next to the sweep's record when it starts; a sweep resumed with a
+    space, base config or limits that now give other architectures is refused.
+    """
+    from ray.tune import Tuner
+
+    path = Path(folder) / CANDIDATES
+    now = [c.overrides for c in space.candidates]
+    if path.is_file() and Tuner.can_restore(f"{tune_storage}/{sweep.name}"):
+        then = json.loads(path.read_text())
+        if then != json.loads(json.dumps(now)):
+            raise ValueError(
+                f"{sweep.source}: the sweep in {folder} was started with other architectures "
+                f"({len(then)} then, {len(now)} now; the first that differs: "
+                f"{next((a for a, b in zip(then, now, strict=False) if a != b), 'none')}): "
+                "it cannot resume; restore the sweep file, or rename the sweep to start anew"
+            )
+        return
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(now, indent=1))
+    tmp.replace(path)
+
+
 def _fit_noting_interrupts(tuner: Any) -> Any:
     """``tuner.fit()``; KeyboardInterrupt if Tune caught a Ctrl+C (it saves and returns).
 
@@ -410,8 +454,10 @@ def _fit_noting_interrupts(tuner: Any) -> Any:
     import signal
     import threading
 
-    if threading.current_thread() is not threading.main_thread():
-        return tuner.fit()
+    if threading.current_thread() is not threading.main_thread() or int(
+        os.environ.get("TUNE_DISABLE_SIGINT_HANDLER", "0")
+    ):
+        return tuner.fit()  # Tune installs no handler: Ctrl+C raises KeyboardInterrupt
 
     def marker(signum: int, frame: Any) -> None:
         raise KeyboardInterrupt

@@ -85,9 +85,16 @@ def test_limits_filter_architectures(tmp_path):
 def test_set_reaches_the_sweep_or_the_base_config():
     path = ROOT / "configs" / "sweeps" / "debug.yaml"
     sweep = load_sweep_config(
-        path, ["search.seed=7", "ray.storage_path=s3://bucket/runs", "io.output_dir=/x"]
+        path,
+        [
+            "search.seed=7",
+            "ray.storage_path=s3://bucket/runs",
+            "io.output_dir=/x",
+            "space.train.learning_rate=[0.01]",
+        ],
     )
     assert sweep.search.seed == 7
+    assert sweep.space["train.learning_rate"].choice == [0.01]
     base = load_base(sweep)
     assert base["ray"]["storage_path"] == "s3://bucket/runs" and base["io"]["output_dir"] == "/x"
 

@@ -93,15 +93,19 @@ def test_sweep_job_on_a_real_head_logs_to_a_real_mlflow_server(tmp_path):
     try:
         _wait_http(f"{uri}/health", server, tmp_path / "mlflow.log")
         _wait_http(f"http://127.0.0.1:{dash_port}/api/version", head, tmp_path / "head.log")
-        job = subprocess.run(
-            [str(BIN / "ray"), "job", "submit",
-             "--address", f"http://127.0.0.1:{dash_port}",
-             "--working-dir", str(ROOT),
-             "--runtime-env", str(ROOT / "cluster" / "runtime_env.yaml"),
-             "--", "python", "jobs/tune.py", "configs/sweeps/debug.yaml",
-             "--set", f"io.output_dir={out}", "--set", f"mlflow.tracking_uri={uri}"],
-            capture_output=True, text=True, env=env, timeout=900, cwd=tmp_path,
-        )  # fmt: skip
+        for _ in range(20):  # the dashboard answers before its job agent is ready
+            job = subprocess.run(
+                [str(BIN / "ray"), "job", "submit",
+                 "--address", f"http://127.0.0.1:{dash_port}",
+                 "--working-dir", str(ROOT),
+                 "--runtime-env", str(ROOT / "cluster" / "runtime_env.yaml"),
+                 "--", "python", "jobs/tune.py", "configs/sweeps/debug.yaml",
+                 "--set", f"io.output_dir={out}", "--set", f"mlflow.tracking_uri={uri}"],
+                capture_output=True, text=True, env=env, timeout=900, cwd=tmp_path,
+            )  # fmt: skip
+            if "No available agent to submit job" not in job.stdout + job.stderr:
+                break
+            time.sleep(3)
         log = job.stdout + job.stderr
         assert job.returncode == 0, log[-5000:]
         assert "succeeded" in log, log[-3000:]
