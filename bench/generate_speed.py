@@ -39,11 +39,8 @@ reported in the table, not in the exit status.
 from __future__ import annotations
 
 import argparse
-import datetime as _dt
 import json
 import os
-import platform
-import shlex
 import sys
 import time
 from dataclasses import dataclass, field
@@ -57,6 +54,7 @@ from train_throughput import (
     mamba_block,
     median,
     ref_python,
+    run_meta,
     run_worker,
     wait_for_idle,
 )
@@ -430,23 +428,7 @@ def main(argv: list[str] | None = None) -> int:
             None,
         )
 
-    la_end = loadavg()
-    meta = {
-        "command": shlex.join([Path(sys.executable).name, *sys.argv]),
-        "date": _dt.datetime.now().astimezone().isoformat(timespec="seconds"),
-        "host": platform.node() or "?",
-        "cpu_count": os.cpu_count(),
-        "threads": args.threads,
-        "python": platform.python_version(),
-        "torch_ours": first("ours", "torch_version"),
-        "torch_ref": first("ref", "torch_version"),
-        "mblm_ours": first("ours", "mblm_version"),
-        "mblm_ref": first("ref", "mblm_version"),
-        "load_start": f"{la_start[0]:.2f}" if la_start else "?",
-        "load_end": f"{la_end[0]:.2f}" if la_end else "?",
-        "pythons": pythons,
-        "quick": args.quick,
-    }
+    meta = run_meta(args, la_start, first, pythons)
     md = render_markdown(meta, results)
     print(md)
     name = "generate_speed" + ("_quick" if args.quick else "")

@@ -263,6 +263,32 @@ def run_worker(
     return result
 
 
+def run_meta(
+    args: argparse.Namespace,
+    la_start: tuple[float, float, float] | None,
+    first: Any,
+    pythons: dict[str, str],
+) -> dict[str, Any]:
+    """What a results file says about the run: command, machine, versions, load."""
+    la_end = loadavg()
+    return {
+        "command": shlex.join([Path(sys.executable).name, *sys.argv]),
+        "date": _dt.datetime.now().astimezone().isoformat(timespec="seconds"),
+        "host": platform.node() or "?",
+        "cpu_count": os.cpu_count(),
+        "threads": args.threads,
+        "python": platform.python_version(),
+        "torch_ours": first("ours", "torch_version"),
+        "torch_ref": first("ref", "torch_version"),
+        "mblm_ours": first("ours", "mblm_version"),
+        "mblm_ref": first("ref", "mblm_version"),
+        "load_start": f"{la_start[0]:.2f}" if la_start else "?",
+        "load_end": f"{la_end[0]:.2f}" if la_end else "?",
+        "pythons": pythons,
+        "quick": args.quick,
+    }
+
+
 def median(xs: list[float]) -> float | None:
     return statistics.median(xs) if xs else None
 
@@ -568,23 +594,7 @@ def main(argv: list[str] | None = None) -> int:
     def first(side: str, key: str) -> Any:
         return next((r[side][key] for r in results if r[side][key]), None)
 
-    la_end = loadavg()
-    meta = {
-        "command": shlex.join([Path(sys.executable).name, *sys.argv]),
-        "date": _dt.datetime.now().astimezone().isoformat(timespec="seconds"),
-        "host": platform.node() or "?",
-        "cpu_count": os.cpu_count(),
-        "threads": args.threads,
-        "python": platform.python_version(),
-        "torch_ours": first("ours", "torch_version"),
-        "torch_ref": first("ref", "torch_version"),
-        "mblm_ours": first("ours", "mblm_version"),
-        "mblm_ref": first("ref", "mblm_version"),
-        "load_start": f"{la_start[0]:.2f}" if la_start else "?",
-        "load_end": f"{la_end[0]:.2f}" if la_end else "?",
-        "pythons": pythons,
-        "quick": args.quick,
-    }
+    meta = run_meta(args, la_start, first, pythons)
     md = render_markdown(meta, results)
     print(md)
     out = args.out or default_out(cases_sel, args.quick)

@@ -108,6 +108,15 @@ def _ui(args: argparse.Namespace) -> int:
         return 0
 
 
+def _add_set_and_address(parser: argparse.ArgumentParser, set_help: str) -> None:
+    parser.add_argument(
+        "--set", action="append", default=[], metavar="KEY.PATH=VALUE", help=set_help
+    )
+    parser.add_argument(
+        "--address", help="Ray cluster to join (default: RAY_ADDRESS, else a local Ray)"
+    )
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="mblm", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -125,16 +134,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     train = sub.add_parser("train", help="train on Ray from a YAML config, tracked in MLflow")
     train.add_argument("config", help="training config (see configs/)")
-    train.add_argument(
-        "--set",
-        action="append",
-        default=[],
-        metavar="KEY.PATH=VALUE",
-        help="override a config value (repeatable), e.g. --set train.learning_rate=1e-3",
-    )
-    train.add_argument(
-        "--address", help="Ray cluster to join (default: RAY_ADDRESS, else a local Ray)"
-    )
+    _add_set_and_address(train, "override a config value, e.g. --set train.learning_rate=1e-3")
     train.add_argument(
         "--stop-after-steps",
         type=int,
@@ -147,15 +147,10 @@ def build_parser() -> argparse.ArgumentParser:
         "tune", help="sweep architectures with Ray Tune (one MLflow child run per trial)"
     )
     tune.add_argument("sweep", help="sweep YAML (see configs/sweeps/)")
-    tune.add_argument(
-        "--set",
-        action="append",
-        default=[],
-        metavar="KEY.PATH=VALUE",
-        help="override a sweep value, e.g. --set search.num_samples=16",
-    )
-    tune.add_argument(
-        "--address", help="Ray cluster to join (default: RAY_ADDRESS, else a local Ray)"
+    _add_set_and_address(
+        tune,
+        "override a sweep value, e.g. --set search.num_samples=16 (io., train., params., ray., "
+        "mlflow. paths go to the base config; space.SECTION.FIELD=VALUES to the space)",
     )
     tune.set_defaults(func=_tune)
 

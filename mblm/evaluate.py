@@ -33,12 +33,7 @@ class EvalResult:
         return self.loss / math.log(2)
 
 
-def evaluate_model(
-    model: Any,
-    batches: Any,
-    device: str,
-    max_windows: int | None = None,
-) -> tuple[float, int, float]:
+def evaluate_model(model: Any, batches: Any, device: str) -> tuple[float, int, float]:
     """(mean loss per byte, windows, seconds) over ``batches`` of byte ids (B, L)."""
     import torch
 
@@ -47,10 +42,6 @@ def evaluate_model(
     start = time.perf_counter()
     with torch.inference_mode():
         for ids in batches:
-            if max_windows is not None and windows >= max_windows:
-                break
-            if max_windows is not None:
-                ids = ids[: max_windows - windows]
             ids = ids.to(device).long()
             loss = model(ids)  # mean over the bytes of the batch
             total += float(loss) * ids.numel()
@@ -94,10 +85,14 @@ def run(args: argparse.Namespace) -> int:
         address = os.environ.get("RAY_ADDRESS") or "local"
         ray.init(address, include_dashboard=False, log_to_driver=False)
     ray.data.DataContext.get_current().enable_progress_bars = False
-    batches = (
-        b["ids"] for b in corpus.to_ray_dataset().iter_torch_batches(batch_size=args.batch_size)
-    )  # [ray] windows streamed by Ray Data
-    loss, windows, seconds = evaluate_model(model, batches, args.device, args.max_windows)
+    dataset = corpus.to_ray_dataset()  # [ray] windows streamed by Ray Data
+    if args.max_windows is not None:
+        dataset = dataset.limit(args.max_windows)  # the stream ends there: no reader left over
+    batches = (b["ids"] for b in dataset.iter_torch_batches(batch_size=args.batch_size))
+    try:
+        loss, windows, seconds = evaluate_model(model, batches, args.device)
+    finally:
+        batches.close()  # stops Ray Data's executor before anyone shuts Ray down
     result = EvalResult(args.split, windows, loss, windows * cfg.params.input_seq_len / seconds)
     print(
         f"{args.split}: {result.bpb:.4f} bits/byte (loss {loss:.4f}) over {windows:,} windows "

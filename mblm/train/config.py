@@ -125,18 +125,23 @@ def format_validation_error(err: ValidationError, source: str) -> str:
     return "\n".join(lines)
 
 
-def load_train_config(path: str | Path, overrides: list[str] | None = None) -> TrainEntryConfig:
-    """Read, override and validate a training YAML; errors name the file and the field."""
-    path = Path(path)
+def read_yaml_mapping(path: Path, what: str) -> dict[str, Any]:
+    """A YAML file holding a mapping; one-line errors name the file."""
     if not path.is_file():
-        raise FileNotFoundError(f"config file not found: {path}")
+        raise FileNotFoundError(f"{what} not found: {path}")
     try:
         data = yaml.safe_load(path.read_text())
     except yaml.YAMLError as err:
         raise ValueError(f"{path}: malformed YAML: {err}".replace("\n", " ")) from None
     if not isinstance(data, dict):
         raise ValueError(f"{path}: expected a mapping at the top level, got {type(data).__name__}")
-    data = apply_overrides(data, overrides or [])
+    return data
+
+
+def load_train_config(path: str | Path, overrides: list[str] | None = None) -> TrainEntryConfig:
+    """Read, override and validate a training YAML; errors name the file and the field."""
+    path = Path(path)
+    data = apply_overrides(read_yaml_mapping(path, "config file"), overrides or [])
     try:
         return TrainEntryConfig.model_validate(data)
     except ValidationError as err:

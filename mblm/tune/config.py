@@ -183,17 +183,10 @@ def check_space_paths(sweep: SweepConfig) -> None:
 
 def load_sweep_config(path: str | Path, overrides: list[str] | None = None) -> SweepConfig:
     """Read and validate a sweep YAML; the base config must exist. Errors are one line each."""
-    from mblm.train.config import apply_overrides
+    from mblm.train.config import apply_overrides, read_yaml_mapping
 
     path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"sweep file not found: {path}")
-    try:
-        data = yaml.safe_load(path.read_text())
-    except yaml.YAMLError as err:
-        raise ValueError(f"{path}: malformed YAML: {err}".replace("\n", " ")) from None
-    if not isinstance(data, dict):
-        raise ValueError(f"{path}: expected a mapping at the top level, got {type(data).__name__}")
+    data = read_yaml_mapping(path, "sweep file")
     # --set io./train./params./ray./mlflow. ... goes to the base training config (like
     # `mblm train --set`); anything else to the sweep itself
     training = tuple(f"{name}." for name in TrainEntryConfig.model_fields)
