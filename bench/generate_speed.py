@@ -53,6 +53,7 @@ from train_throughput import (
     loadavg,
     mamba_block,
     median,
+    meta_lines,
     ref_python,
     run_meta,
     run_worker,
@@ -302,13 +303,7 @@ def render_markdown(meta: dict[str, Any], results: list[dict[str, Any]]) -> str:
     lines = [
         "# Generation speed: ours (cached decoding) vs reference (PyPI mblm 0.4.2)",
         "",
-        f"- command: `{meta['command']}`",
-        f"- date: {meta['date']}",
-        f"- host: {meta['host']}, {meta['cpu_count']} CPUs, worker threads {meta['threads']}",
-        f"- torch: ours {meta['torch_ours']}, reference {meta['torch_ref']}; "
-        f"python {meta['python']}",
-        f"- mblm: ours {meta['mblm_ours']}, reference {meta['mblm_ref']}",
-        f"- load average (1 min) at start / end: {meta['load_start']} / {meta['load_end']}",
+        *meta_lines(meta),
         "- all CPU fp32, random weights, greedy decoding (both packages' default); a call "
         "generates N bytes after a random prompt of (context - N) bytes; bytes/s = N / wall "
         "time of the call (prefill included), median over all timed calls of all rounds; "

@@ -448,6 +448,19 @@ def _fmt(x: float | None, spec: str) -> str:
     return "-" if x is None else format(x, spec)
 
 
+def meta_lines(meta: dict[str, Any]) -> list[str]:
+    """The lines of a results file that say how and where it was measured."""
+    return [
+        f"- command: `{meta['command']}`",
+        f"- date: {meta['date']}",
+        f"- host: {meta['host']}, {meta['cpu_count']} CPUs, worker threads {meta['threads']}",
+        f"- torch: ours {meta['torch_ours']}, reference {meta['torch_ref']}; "
+        f"python {meta['python']}",
+        f"- mblm: ours {meta['mblm_ours']}, reference {meta['mblm_ref']}",
+        f"- load average (1 min) at start / end: {meta['load_start']} / {meta['load_end']}",
+    ]
+
+
 def _mib(x: int | None) -> str:
     return "-" if not x else f"{x / 2**20:,.0f}"
 
@@ -456,13 +469,7 @@ def render_markdown(meta: dict[str, Any], results: list[dict[str, Any]]) -> str:
     lines = [
         "# Training throughput: ours vs reference (PyPI mblm 0.4.2)",
         "",
-        f"- command: `{meta['command']}`",
-        f"- date: {meta['date']}",
-        f"- host: {meta['host']}, {meta['cpu_count']} CPUs, worker threads {meta['threads']}",
-        f"- torch: ours {meta['torch_ours']}, reference {meta['torch_ref']}; "
-        f"python {meta['python']}",
-        f"- mblm: ours {meta['mblm_ours']}, reference {meta['mblm_ref']}",
-        f"- load average (1 min) at start / end: {meta['load_start']} / {meta['load_end']}",
+        *meta_lines(meta),
         "- all CPU fp32; step = forward (LOSS) + backward + AdamW step + zero_grad; "
         "bytes/s = batch x seq_len / median step time over all timed steps of all rounds",
         "",
