@@ -40,7 +40,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 import time
 from dataclasses import dataclass, field
@@ -50,6 +49,7 @@ from typing import Any
 from train_throughput import (
     TRANSFORMER,
     _model,
+    add_common_args,
     loadavg,
     mamba_block,
     median,
@@ -372,19 +372,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--case", action="append", help="case name (repeatable; default: all)")
     p.add_argument("--rounds", type=int, default=None, help="rounds (default 5, --quick 1)")
     p.add_argument("--quick", action="store_true", help="tiny models: a smoke run")
-    p.add_argument("--threads", type=int, default=os.cpu_count() or 1, help="torch threads")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--ours-python", default=sys.executable, help="interpreter with our mblm")
-    p.add_argument("--ref-python", default=None, help="default: $MBLM_REF_PYTHON, .venv-ref")
-    p.add_argument("--out", type=Path, default=None, help="Markdown output path")
-    p.add_argument("--worker-timeout", type=float, default=1800.0, help="seconds per worker")
-    p.add_argument(
-        "--wait-idle",
-        type=float,
-        default=0.0,
-        help="wait up to this many seconds for the 1-min load average to drop below --idle-load",
-    )
-    p.add_argument("--idle-load", type=float, default=1.5)
+    add_common_args(p)
     args = p.parse_args(argv)
     if args.rounds is None:
         args.rounds = 1 if args.quick else 5

@@ -527,6 +527,24 @@ def default_out(cases: list[str], quick: bool) -> Path:
     return RESULTS_DIR / f"{stem}.md"
 
 
+def add_common_args(p: argparse.ArgumentParser) -> None:
+    """Options every side-by-side benchmark takes: threads, interpreters, output, load."""
+    p.add_argument("--threads", type=int, default=os.cpu_count() or 1, help="torch threads")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--ours-python", default=sys.executable, help="interpreter with our mblm")
+    p.add_argument("--ref-python", default=None, help="default: $MBLM_REF_PYTHON, .venv-ref")
+    p.add_argument("--out", type=Path, default=None, help="Markdown output path")
+    p.add_argument("--worker-timeout", type=float, default=1800.0, help="seconds per worker")
+    p.add_argument(
+        "--wait-idle",
+        type=float,
+        default=0.0,
+        help="wait up to this many seconds for the 1-min load average to drop below "
+        "--idle-load before starting",
+    )
+    p.add_argument("--idle-load", type=float, default=1.5)
+
+
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument(
@@ -545,20 +563,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--warmup", type=int, help="untimed warmup steps per worker")
     p.add_argument("--ref-steps", type=int, help="timed steps of the reference side")
     p.add_argument("--quick", action="store_true", help="tiny sizes: a smoke run of seconds")
-    p.add_argument("--threads", type=int, default=os.cpu_count() or 1, help="torch threads")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--ours-python", default=sys.executable, help="interpreter with our mblm")
-    p.add_argument("--ref-python", default=None, help="default: $MBLM_REF_PYTHON, .venv-ref")
-    p.add_argument("--out", type=Path, default=None, help="Markdown output path")
-    p.add_argument("--worker-timeout", type=float, default=1800.0, help="seconds per worker")
-    p.add_argument(
-        "--wait-idle",
-        type=float,
-        default=0.0,
-        help="wait up to this many seconds for the 1-min load average to drop below "
-        "--idle-load before starting",
-    )
-    p.add_argument("--idle-load", type=float, default=1.5)
+    add_common_args(p)
     p.add_argument(
         "--profile",
         action="store_true",
